@@ -1,0 +1,159 @@
+"""The `sluice` command line: serve, infer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sluice import __version__, datatypes
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sluice.runtime import RuntimeOptions
+    from sluice.server.app import EXAMPLES, ServerOptions, run
+
+    repo = Path(args.model_repository) if args.model_repository else EXAMPLES
+    if not repo.is_dir():
+        print(f"sluice: model repository {repo} is not a directory", file=sys.stderr)
+        return 2
+    options = ServerOptions(
+        model_repository=repo,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        grace_seconds=args.grace_seconds,
+        max_message_bytes=args.grpc_max_message_bytes,
+        runtime=RuntimeOptions(
+            provider_fallback=args.execution_provider_fallback,
+            default_max_batch_size=args.default_max_batch_size,
+        ),
+    )
+    run(options)
+    return 0
+
+
+def _parse_input(spec: str) -> tuple[str, np.ndarray[Any, Any]]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--input wants NAME=<json or file.npy>, got {spec!r}")
+    if value.endswith(".npy"):
+        return name, np.load(value, allow_pickle=False)
+    return name, np.asarray(json.loads(value))
+
+
+def _random_inputs(meta: Any) -> dict[str, np.ndarray[Any, Any]]:
+    rng = np.random.default_rng()
+    feeds: dict[str, np.ndarray[Any, Any]] = {}
+    for t in meta.inputs:
+        shape = [d if d >= 0 else 1 for d in t.shape]
+        dt = datatypes.BY_WIRE[t.datatype]
+        if dt.is_bytes:
+            feeds[t.name] = np.full(shape, "sluice", dtype=object)
+        elif dt.numpy is not None and dt.numpy.kind == "f":
+            feeds[t.name] = rng.standard_normal(shape).astype(dt.numpy)
+        elif dt.numpy is not None and dt.numpy.kind == "b":
+            feeds[t.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            assert dt.numpy is not None
+            feeds[t.name] = rng.integers(0, 10, size=shape).astype(dt.numpy)
+    return feeds
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from sluice.server.client import ClientError, InferenceClient
+
+    client = InferenceClient(args.url, timeout_s=args.timeout)
+    try:
+        meta = client.metadata(args.model, args.model_version)
+        types = {t.name: t.datatype for t in meta.inputs}
+        feeds = _random_inputs(meta) if args.random else {}
+        for spec in args.input:
+            name, arr = _parse_input(spec)
+            if name in types and datatypes.BY_WIRE[types[name]].numpy is not None:
+                dt = datatypes.BY_WIRE[types[name]]
+                arr = arr.astype(object if dt.is_bytes else dt.numpy)
+            feeds[name] = arr
+        if not feeds:
+            print("sluice infer: give --input NAME=VALUE for each input, or --random", file=sys.stderr)
+            return 2
+        response, outputs = client.infer(args.model, feeds, args.model_version, args.output)
+    except ClientError as exc:
+        print(f"sluice infer: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"sluice infer: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    result = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": {
+            name: {
+                "datatype": t.datatype,
+                "shape": list(t.shape),
+                "data": [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                         for v in arr.reshape(-1).tolist()],
+            }
+            for (name, arr), t in zip(outputs.items(), response.outputs, strict=True)
+        },
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="ONNX inference serving")
+    parser.add_argument("--version", action="version", version=f"sluice {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
+    serve.add_argument("--model-repository", help="repository folder (default: bundled examples)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
+    serve.add_argument("--http-port", type=int, default=8002, help="metrics and health; 0 = free port")
+    serve.add_argument("--grace-seconds", type=float, default=30.0,
+                       help="on SIGINT/SIGTERM, time to finish accepted requests")
+    serve.add_argument("--grpc-max-message-bytes", type=int, default=256 * 1024 * 1024,
+                       help="largest request or response; larger ones get RESOURCE_EXHAUSTED")
+    serve.add_argument("--default-max-batch-size", type=int, default=4,
+                       help="max_batch_size given to batchable models without a config (Triton: 4)")
+    serve.add_argument("--execution-provider-fallback", choices=("fail", "cpu"), default="fail",
+                       help="when a requested GPU provider is not active: fail the load, or serve "
+                            "on the CPU flagged as degraded")
+    serve.set_defaults(func=_serve)
+
+    infer = sub.add_parser("infer", help="send one inference request and print the outputs")
+    infer.add_argument("model")
+    infer.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
+                       help="a JSON array or a .npy file; repeat per input")
+    infer.add_argument("--random", action="store_true",
+                       help="random data for inputs not given (dynamic dims = 1)")
+    infer.add_argument("--output", action="append", help="request only these outputs")
+    infer.add_argument("--model-version", default="")
+    infer.add_argument("--url", default="127.0.0.1:8001")
+    infer.add_argument("--timeout", type=float, default=30.0)
+    infer.set_defaults(func=_infer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

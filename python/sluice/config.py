@@ -1,0 +1,254 @@
+"""Model configuration: Triton's ModelConfig (our protos/ subset-compatible copy),
+read from config.pbtxt (protobuf text format) or config.yaml (same field names),
+then completed from and checked against the model's graph signature.
+
+The config *is* the generated ModelConfig message: the ModelConfig RPC returns it
+as is, and there is no second representation to keep in sync.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format, text_format
+
+from sluice import datatypes
+from sluice.errors import ModelLoadError
+from sluice.proto import model_config_pb2 as mc
+
+log = logging.getLogger(__name__)
+
+ModelConfig = mc.ModelConfig
+CONFIG_FILENAMES = ("config.pbtxt", "config.yaml", "config.yml")
+SUPPORTED_PLATFORMS = ("", "onnxruntime_onnx")
+SUPPORTED_BACKENDS = ("", "onnxruntime", "onnx")
+DEFAULT_MODEL_FILENAME = "model.onnx"
+# Triton's autocomplete default for models whose graph can batch.
+DEFAULT_MAX_BATCH_SIZE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output as the runtime sees it: -1 marks a dynamic dim."""
+
+    name: str
+    onnx_type: str  # e.g. "tensor(float)", "seq(map(int64,tensor(float)))"
+    shape: tuple[int, ...]
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.onnx_type in datatypes.BY_ONNX
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def read_config_file(model_dir: Path) -> tuple[mc.ModelConfig, Path | None]:
+    """Parses the model's config file, if any. Raises ModelLoadError with the
+    file and the parser's message when it is malformed."""
+    found = [model_dir / n for n in CONFIG_FILENAMES if (model_dir / n).is_file()]
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ModelLoadError(f"model '{model_dir.name}' has several config files ({names}); keep one")
+    config = mc.ModelConfig()
+    if not found:
+        return config, None
+    path = found[0]
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".pbtxt":
+            text_format.Parse(text, config)
+        else:
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ValueError("the top level must be a mapping of ModelConfig fields")
+            json_format.ParseDict(data, config)
+    except (text_format.ParseError, json_format.ParseError, yaml.YAMLError, ValueError) as exc:
+        raise ModelLoadError(f"cannot parse {path.name} of model '{model_dir.name}': {exc}") from exc
+    return config, path
+
+
+def validate_static(config: mc.ModelConfig, model_name: str) -> None:
+    """Checks that need no graph: platform, name, batch size, scheduling."""
+    if config.name and config.name != model_name:
+        raise ModelLoadError(
+            f"config name '{config.name}' does not match the model folder '{model_name}'"
+        )
+    if config.platform not in SUPPORTED_PLATFORMS or config.backend not in SUPPORTED_BACKENDS:
+        raise ModelLoadError(
+            f"model '{model_name}': platform '{config.platform}' / backend '{config.backend}' "
+            "is not supported; sluice serves ONNX models (platform 'onnxruntime_onnx' or "
+            "backend 'onnxruntime')"
+        )
+    if config.max_batch_size < 0:
+        raise ModelLoadError(f"model '{model_name}': max_batch_size must be >= 0")
+    which = config.WhichOneof("scheduling_choice")
+    if which in ("sequence_batching", "ensemble_scheduling"):
+        raise ModelLoadError(
+            f"model '{model_name}': {which} is not supported (stateful sequences and ensembles "
+            "are out of scope); use dynamic_batching or no scheduler"
+        )
+    for group in config.instance_group:
+        if group.count < 0:
+            raise ModelLoadError(f"model '{model_name}': instance_group count must be >= 0")
+
+
+def model_file(model_dir: Path, version: int, config: mc.ModelConfig) -> Path:
+    """The ONNX file of a version; `model.onnx` may also be a folder holding
+    `model.onnx` next to its external-data files, as Triton allows."""
+    name = config.default_model_filename or DEFAULT_MODEL_FILENAME
+    path = model_dir / str(version) / name
+    if path.is_dir():
+        path = path / DEFAULT_MODEL_FILENAME
+    return path
+
+
+def _batchable(signature: Signature) -> bool:
+    """Whether every input and tensor output has a dynamic first dim."""
+    tensors = [*signature.inputs, *(o for o in signature.outputs if o.is_tensor)]
+    return bool(tensors) and all(len(t.shape) >= 1 and t.shape[0] == -1 for t in tensors)
+
+
+def _datatype_of(spec: TensorSpec) -> datatypes.DataType:
+    return datatypes.BY_ONNX[spec.onnx_type]
+
+
+def complete_and_check(
+    config: mc.ModelConfig,
+    signature: Signature,
+    model_name: str,
+    *,
+    default_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+) -> list[str]:
+    """Fills what the config leaves out from the graph and checks what it states.
+
+    Returns notes worth logging (left-out outputs, batching decisions). Raises
+    ModelLoadError naming the tensor when the config contradicts the graph.
+    """
+    notes: list[str] = []
+    config.name = model_name
+    if not config.platform and not config.backend:
+        config.platform = "onnxruntime_onnx"
+    for spec in signature.inputs:
+        if not spec.is_tensor:
+            raise ModelLoadError(
+                f"model '{model_name}': input '{spec.name}' has non-tensor type {spec.onnx_type}, "
+                "which the inference protocol cannot carry"
+            )
+    tensor_outputs = [o for o in signature.outputs if o.is_tensor]
+    for o in signature.outputs:
+        if not o.is_tensor:
+            notes.append(
+                f"output '{o.name}' has non-tensor type {o.onnx_type} and is not served "
+                "(the inference protocol carries tensors only)"
+            )
+    if not tensor_outputs:
+        raise ModelLoadError(
+            f"model '{model_name}': no output is a tensor "
+            f"({', '.join(o.onnx_type for o in signature.outputs)}); nothing can be served"
+        )
+
+    autocomplete = not config.input
+    if autocomplete:
+        if _batchable(signature):
+            if config.max_batch_size == 0:
+                config.max_batch_size = default_max_batch_size
+                notes.append(
+                    f"graph has a dynamic first dim on every tensor: max_batch_size set to "
+                    f"{default_max_batch_size}"
+                )
+        elif config.max_batch_size > 0:
+            raise ModelLoadError(
+                f"model '{model_name}': max_batch_size {config.max_batch_size} needs a dynamic "
+                "first (batch) dim on every input and output, which the graph does not have"
+            )
+        else:
+            notes.append("graph has no common dynamic first dim: max_batch_size 0 (no batching)")
+        batch = 1 if config.max_batch_size > 0 else 0
+        for spec in signature.inputs:
+            config.input.add(
+                name=spec.name,
+                data_type=mc.DataType.Value(_datatype_of(spec).config),
+                dims=list(spec.shape[batch:]),
+            )
+    if not config.output:
+        batch = 1 if config.max_batch_size > 0 else 0
+        for spec in tensor_outputs:
+            config.output.add(
+                name=spec.name,
+                data_type=mc.DataType.Value(_datatype_of(spec).config),
+                dims=list(spec.shape[batch:]),
+            )
+
+    _check_tensors(config.input, signature.inputs, config.max_batch_size, model_name, "input")
+    _check_tensors(config.output, tensor_outputs, config.max_batch_size, model_name, "output")
+    declared = {i.name for i in config.input}
+    missing = [s.name for s in signature.inputs if s.name not in declared]
+    if missing:
+        raise ModelLoadError(
+            f"model '{model_name}': the config does not declare model input(s) "
+            f"{', '.join(repr(m) for m in missing)}"
+        )
+    if not config.instance_group:
+        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for group in config.instance_group:
+        if group.count == 0:
+            group.count = 1
+    return notes
+
+
+def _check_tensors(
+    declared: Sequence[Any],
+    graph: Sequence[TensorSpec],
+    max_batch_size: int,
+    model_name: str,
+    kind: str,
+) -> None:
+    by_name = {s.name: s for s in graph}
+    seen: set[str] = set()
+    for t in declared:
+        where = f"model '{model_name}': {kind} '{t.name}'"
+        if t.name in seen:
+            raise ModelLoadError(f"{where} is declared twice")
+        seen.add(t.name)
+        spec = by_name.get(t.name)
+        if spec is None:
+            raise ModelLoadError(
+                f"{where} is not in the model; the model's {kind}s are "
+                f"{', '.join(repr(n) for n in by_name) or 'none'}"
+            )
+        want = _datatype_of(spec)
+        got = mc.DataType.Name(t.data_type)
+        if got != want.config:
+            raise ModelLoadError(f"{where} is {got} in the config but {want.config} in the model")
+        dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+        if t.HasField("reshape"):
+            continue  # reshape decouples wire dims from graph dims
+        full = ([-1] if max_batch_size > 0 else []) + dims
+        if max_batch_size > 0 and (not spec.shape or spec.shape[0] != -1):
+            raise ModelLoadError(
+                f"{where}: max_batch_size > 0 needs a dynamic first (batch) dim, but the model's "
+                f"shape is {list(spec.shape)}"
+            )
+        if len(full) != len(spec.shape) or any(
+            g != -1 and c != g for c, g in zip(full, spec.shape, strict=True)
+        ):
+            shown = list(spec.shape[1:]) if max_batch_size > 0 else list(spec.shape)
+            raise ModelLoadError(
+                f"{where} has dims {dims} in the config but the model's shape is "
+                f"{list(spec.shape)} (expected dims {shown}"
+                + (", the batch dim excluded)" if max_batch_size > 0 else ")")
+            )
+
+
+def to_text(config: mc.ModelConfig) -> str:
+    """The config in Triton's text format (for logs and `sluice models show`)."""
+    return text_format.MessageToString(config)

@@ -1,0 +1,255 @@
+"""One model version's onnxruntime sessions (one per instance) and how to run them.
+
+Contract: `ModelRuntime.run` is thread-safe and blocking; onnxruntime releases
+the GIL inside `run`, so callers run it on worker threads. Each call takes a
+free session (instance) for its duration, so at most `instance_count` runs are
+in flight per version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import queue
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from sluice import config as cfg
+from sluice import datatypes
+from sluice.errors import ModelLoadError
+from sluice.proto import model_config_pb2 as mc
+from sluice.runtime.resources import available_cores
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
+_BF16_ONNX_ELEM_TYPE = 16  # TensorProto.BFLOAT16
+
+FALLBACK_FAIL = "fail"
+FALLBACK_CPU = "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    # What to do when a requested GPU provider is not active after session
+    # creation: "fail" the load (default) or serve on the CPU, flagged degraded.
+    provider_fallback: str = FALLBACK_FAIL
+    default_max_batch_size: int = cfg.DEFAULT_MAX_BATCH_SIZE
+    cores: int | None = None  # None: detect (affinity and cgroup quota)
+    log_severity: int = 3  # onnxruntime: 3 = errors only
+
+
+def _param(config: mc.ModelConfig, key: str) -> str | None:
+    if key in config.parameters:
+        return config.parameters[key].string_value
+    return None
+
+
+def _providers(config: mc.ModelConfig) -> list[tuple[str, dict[str, str]]]:
+    """Execution providers the config asks for, in priority order, CPU last."""
+    wanted: list[tuple[str, dict[str, str]]] = []
+    gpu_kind = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
+    device_id = next((g.gpus[0] for g in config.instance_group if g.gpus), 0)
+    for acc in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        name = acc.name.lower()
+        params = dict(acc.parameters)
+        if name == "tensorrt":
+            trt: dict[str, str] = {"device_id": str(device_id)}
+            if params.get("precision_mode", "").upper() == "FP16":
+                trt["trt_fp16_enable"] = "True"
+            if "max_workspace_size_bytes" in params:
+                trt["trt_max_workspace_size"] = params["max_workspace_size_bytes"]
+            for key in ("trt_engine_cache_enable", "trt_engine_cache_path"):
+                if key in params:
+                    trt[key] = params[key]
+            wanted.append((TENSORRT, trt))
+        elif name == "cuda":
+            wanted.append((CUDA, {"device_id": str(device_id)}))
+        else:
+            raise ModelLoadError(f"unknown gpu_execution_accelerator '{acc.name}'")
+    if (gpu_kind or wanted) and CUDA not in [w[0] for w in wanted]:
+        wanted.append((CUDA, {"device_id": str(device_id)}))
+    for acc in config.optimization.execution_accelerators.cpu_execution_accelerator:
+        if acc.name.lower() == "openvino":
+            wanted.append((OPENVINO, dict(acc.parameters)))
+        else:
+            raise ModelLoadError(f"unknown cpu_execution_accelerator '{acc.name}'")
+    wanted.append((CPU, {}))
+    return wanted
+
+
+def _session_options(
+    config: mc.ModelConfig, instances: int, options: RuntimeOptions
+) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = options.log_severity
+    cores = options.cores or available_cores()
+    # Budget: instances x intra-op threads <= cores, unless the config says otherwise.
+    intra = _param(config, "intra_op_thread_count")
+    so.intra_op_num_threads = int(intra) if intra else max(1, cores // max(1, instances))
+    inter = _param(config, "inter_op_thread_count")
+    if inter:
+        so.inter_op_num_threads = int(inter)
+    if _param(config, "execution_mode") == "1":
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    if _param(config, "enable_mem_arena") == "0":
+        so.enable_cpu_mem_arena = False
+    if _param(config, "enable_mem_pattern") == "0":
+        so.enable_mem_pattern = False
+    # Spinning intra-op threads burn the cores the gRPC frontend needs; spin
+    # only where the config asks for it.
+    spin = _param(config, "intra_op_allow_spinning") or "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    level = config.optimization.graph.level
+    so.graph_optimization_level = {
+        -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        1: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }.get(level, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    return so
+
+
+def _dim(d: Any) -> int:
+    # onnxruntime reports symbolic dims as str, unnamed ones (and a stored -1) as None.
+    return d if isinstance(d, int) and d >= 0 else -1
+
+
+def _signature(session: ort.InferenceSession) -> cfg.Signature:
+    def spec(a: Any) -> cfg.TensorSpec:
+        shape = tuple(_dim(d) for d in a.shape) if a.type in datatypes.BY_ONNX else ()
+        return cfg.TensorSpec(a.name, a.type, shape)
+
+    return cfg.Signature(
+        tuple(spec(a) for a in session.get_inputs()), tuple(spec(a) for a in session.get_outputs())
+    )
+
+
+class ModelRuntime:
+    """The loaded sessions of one model version."""
+
+    def __init__(
+        self,
+        sessions: list[ort.InferenceSession],
+        signature: cfg.Signature,
+        providers: list[str],
+        degraded_reason: str | None,
+    ) -> None:
+        self.signature = signature
+        self.providers = providers  # active providers, as onnxruntime reports them
+        self.degraded_reason = degraded_reason
+        self.instance_count = len(sessions)
+        self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for s in sessions:
+            self._free.put(s)
+        self._bf16 = any(
+            t.onnx_type == "tensor(bfloat16)" for t in (*signature.inputs, *signature.outputs)
+        )
+        self._output_types = {o.name: o.onnx_type for o in signature.outputs}
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+    ) -> list[np.ndarray[Any, Any]]:
+        """Runs one instance on `inputs`; returns the outputs in `output_names` order.
+        Raises onnxruntime's exception if the model fails on these inputs."""
+        session = self._free.get()
+        try:
+            if self._bf16:
+                return self._run_ort_values(session, inputs, output_names)
+            outputs: list[np.ndarray[Any, Any]] = session.run(list(output_names), dict(inputs))
+            return outputs
+        finally:
+            self._free.put(session)
+
+    def _run_ort_values(
+        self,
+        session: ort.InferenceSession,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+    ) -> list[np.ndarray[Any, Any]]:
+        # numpy cannot hand bfloat16 to onnxruntime's Python API directly: pass
+        # the bits as uint16 tagged BFLOAT16, and read results back the same way.
+        feeds = {}
+        for name, arr in inputs.items():
+            if arr.dtype == datatypes.BY_WIRE["BF16"].numpy:
+                feeds[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                    np.ascontiguousarray(arr).view(np.uint16), _BF16_ONNX_ELEM_TYPE
+                )
+            else:
+                feeds[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+        values = session.run_with_ort_values(list(output_names), feeds)
+        results: list[np.ndarray[Any, Any]] = []
+        for name, value in zip(output_names, values, strict=True):
+            if self._output_types[name] == "tensor(bfloat16)":
+                shape = tuple(value.shape())
+                count = int(np.prod(shape, dtype=np.int64))
+                raw = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+                bits = np.frombuffer(raw, dtype=np.uint16).copy()
+                results.append(bits.view(datatypes.BY_WIRE["BF16"].numpy).reshape(shape))
+            else:
+                results.append(value.numpy())
+        return results
+
+
+def _verify_providers(
+    session: ort.InferenceSession, requested: list[str], fallback: str, model: str
+) -> str | None:
+    """Onnxruntime silently drops a provider it cannot start; catch that here.
+    Returns a degraded reason when falling back is allowed; raises otherwise."""
+    active = session.get_providers()
+    missing = [p for p in requested if p != CPU and p not in active]
+    if not missing:
+        return None
+    reason = (
+        f"requested execution provider(s) {', '.join(missing)} not active for model '{model}' "
+        f"(active: {', '.join(active)}; installed onnxruntime offers: "
+        f"{', '.join(ort.get_available_providers())})"
+    )
+    if fallback == FALLBACK_CPU:
+        log.warning("%s; serving on %s as execution_provider_fallback=cpu allows", reason, active)
+        return reason + "; running on the CPU (fallback policy 'cpu')"
+    raise ModelLoadError(
+        reason + ". Install onnxruntime-gpu with a working CUDA, or set the model parameter "
+        "execution_provider_fallback to 'cpu' (or --execution-provider-fallback cpu) to "
+        "serve on the CPU"
+    )
+
+
+def load_runtime(
+    path: Path, config: mc.ModelConfig, model_name: str, options: RuntimeOptions
+) -> tuple[ModelRuntime, list[str]]:
+    """Creates one session per instance, completes and checks `config` against the
+    graph (in place), and verifies the providers. Raises ModelLoadError."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path.parent.name}/{path.name} not found")
+    instances = sum(max(1, g.count) for g in config.instance_group) or 1
+    providers = _providers(config)
+    fallback = _param(config, "execution_provider_fallback") or options.provider_fallback
+    if fallback not in (FALLBACK_FAIL, FALLBACK_CPU):
+        raise ModelLoadError(f"execution_provider_fallback must be 'fail' or 'cpu', not {fallback!r}")
+    so = _session_options(config, instances, options)
+    sessions: list[ort.InferenceSession] = []
+    degraded: str | None = None
+    try:
+        for _ in range(instances):
+            s = ort.InferenceSession(
+                str(path), sess_options=so, providers=[(p, o) for p, o in providers]
+            )
+            degraded = _verify_providers(s, [p for p, _ in providers], fallback, model_name)
+            sessions.append(s)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # onnxruntime raises several exception types
+        raise ModelLoadError(f"onnxruntime cannot load {path.parent.name}/{path.name}: {exc}") from exc
+    signature = _signature(sessions[0])
+    notes = cfg.complete_and_check(
+        config, signature, model_name, default_max_batch_size=options.default_max_batch_size
+    )
+    runtime = ModelRuntime(sessions, signature, sessions[0].get_providers(), degraded)
+    return runtime, notes

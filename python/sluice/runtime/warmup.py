@@ -1,0 +1,91 @@
+"""Warm-up before a version reports READY: Triton's model_warmup when the config
+has it, else one generated request (batch 1, dynamic dims 1, zeros)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sluice import datatypes
+from sluice.errors import ModelLoadError
+from sluice.proto import model_config_pb2 as mc
+from sluice.runtime.session import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+def _array(
+    dt: datatypes.DataType, shape: list[int], fill: str, rng: np.random.Generator, raw: bytes | None
+) -> np.ndarray[Any, Any]:
+    if dt.is_bytes:
+        return np.full(shape, "" if fill == "zero" else "warmup", dtype=object)
+    assert dt.numpy is not None
+    if raw is not None:
+        return np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
+    if fill == "random" and dt.numpy.kind == "f":
+        return rng.random(shape).astype(dt.numpy)
+    if fill == "random" and dt.numpy.kind in "iu":
+        return rng.integers(0, 8, size=shape).astype(dt.numpy)
+    return np.zeros(shape, dtype=dt.numpy)
+
+
+def _configured_requests(
+    config: mc.ModelConfig, model_dir: Path
+) -> list[tuple[str, int, dict[str, np.ndarray[Any, Any]]]]:
+    rng = np.random.default_rng(0)
+    requests = []
+    for w in config.model_warmup:
+        feeds: dict[str, np.ndarray[Any, Any]] = {}
+        for name, spec in w.inputs.items():
+            dt = datatypes.BY_CONFIG[mc.DataType.Name(spec.data_type)]
+            batch = [max(1, w.batch_size)] if config.max_batch_size > 0 else []
+            shape = batch + list(spec.dims)
+            which = spec.WhichOneof("input_data_type")
+            raw = None
+            if which == "input_data_file":
+                raw = (model_dir / "warmup" / spec.input_data_file).read_bytes()
+            feeds[name] = _array(dt, shape, "random" if which == "random_data" else "zero", rng, raw)
+        requests.append((w.name or "warmup", max(1, w.count), feeds))
+    return requests
+
+
+def _generated_request(config: mc.ModelConfig) -> dict[str, np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in config.input:
+        dt = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)]
+        dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+        shape = ([1] if config.max_batch_size > 0 else []) + [d if d >= 0 else 1 for d in dims]
+        feeds[t.name] = _array(dt, shape, "zero", rng, None)
+    return feeds
+
+
+def warm_up(runtime: ModelRuntime, config: mc.ModelConfig, model_dir: Path) -> None:
+    """Runs warm-up requests on every instance. A configured warm-up that fails
+    fails the load (as in Triton); a generated one only logs, since a model may
+    legitimately reject synthetic zeros."""
+    outputs = [o.name for o in config.output]
+    if config.model_warmup:
+        try:
+            requests = _configured_requests(config, model_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"model_warmup of model '{config.name}' is invalid: {exc}") from exc
+        for name, count, feeds in requests:
+            for _ in range(count * runtime.instance_count):
+                try:
+                    runtime.run(feeds, outputs)
+                except Exception as exc:
+                    raise ModelLoadError(
+                        f"warm-up '{name}' of model '{config.name}' failed: {exc}"
+                    ) from exc
+        return
+    feeds = _generated_request(config)
+    for _ in range(runtime.instance_count):
+        try:
+            runtime.run(feeds, outputs)
+        except Exception as exc:
+            log.warning("generated warm-up of model '%s' failed (ignored): %s", config.name, exc)
+            return

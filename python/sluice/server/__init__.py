@@ -1,0 +1,1 @@
+"""The transport edge: grpc.aio servicers, HTTP health/metrics, composition root."""

@@ -1,0 +1,166 @@
+"""Composition root: builds the server from options, starts it, and stops it in
+a fixed order (not ready -> stop accepting -> finish accepted -> unload)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import sluice
+from sluice.dataplane import DataPlane
+from sluice.monitoring.metrics import VersionView, build_registry
+from sluice.proto import grpc_service_pb2 as pb
+from sluice.proto import grpc_service_pb2_grpc as pb_grpc
+from sluice.repository import ModelManager
+from sluice.runtime import RuntimeOptions
+from sluice.server.http import HttpEndpoint
+from sluice.server.inference import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    model_repository: Path = EXAMPLES
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8002
+    grace_seconds: float = 30.0
+    # Triton accepts up to 2 GiB; a smaller default bounds what one client can
+    # make the server hold. Larger messages get RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 256 * 1024 * 1024
+    runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
+
+
+class SluiceServer:
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.models = ModelManager(options.model_repository, options.runtime)
+        self.dataplane = DataPlane(self.models)
+        self._ready = False
+        self._health = health.aio.HealthServicer()
+        limit = options.max_message_bytes
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.models, self.dataplane, self.is_ready), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        address = f"{options.host}:{options.grpc_port}"
+        self.grpc_port = self._grpc.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
+        registry = build_registry(self._version_views, sluice.__version__)
+        self._http = HttpEndpoint(options.host, options.http_port, registry, self.is_ready)
+        self.http_port = self._http.port
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def _version_views(self) -> Iterator[VersionView]:
+        for m in list(self.models.models.values()):
+            for v in list(m.versions.values()):
+                yield m.name, str(v.version), v.state.value, v.stats
+
+    async def _set_health(self) -> None:
+        overall = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self._ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._health.set("", overall)
+        await self._health.set(SERVICE_NAME, overall)
+        for name, model in self.models.models.items():
+            serving = self._ready and bool(model.ready_versions())
+            await self._health.set(
+                name,
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+
+    async def start(self) -> None:
+        """Listens first (live, not ready), loads the repository, then turns ready."""
+        await self._set_health()
+        await self._grpc.start()
+        self._http.start()
+        log.info("listening: grpc %s:%d, http %s:%d", self.options.host, self.grpc_port,
+                 self.options.host, self.http_port)
+        self.models.scan()
+        await self.models.load_all()
+        self._ready = True
+        await self._set_health()
+
+    async def stop(self) -> None:
+        """Stops in order: not ready; refuse new RPCs; let accepted ones finish
+        within the grace period; unload models; close HTTP."""
+        self._ready = False
+        await self._health.enter_graceful_shutdown()
+        await self._grpc.stop(self.options.grace_seconds)
+        await asyncio.to_thread(self.models.unload_all)
+        self._http.stop()
+
+    def ready_banner(self) -> str:
+        lines = [
+            f"sluice {sluice.__version__} ready: grpc {self.options.host}:{self.grpc_port}, "
+            f"http {self.options.host}:{self.http_port} (/metrics, /v2/health/ready)",
+            f"model repository: {self.options.model_repository}",
+        ]
+        for name, model in sorted(self.models.models.items()):
+            ready = [str(v.version) for v in model.ready_versions()]
+            state = f"READY (versions {', '.join(ready)})" if ready else "UNAVAILABLE: " + model.unavailable_reason()
+            lines.append(f"  {name}: {state}")
+        example = next((n for n, m in sorted(self.models.models.items()) if m.ready_versions()), None)
+        if example is not None:
+            lines.append(
+                f"try: sluice infer {example} --random --url {self.options.host}:{self.grpc_port}"
+            )
+        return "\n".join(lines)
+
+
+async def serve(options: ServerOptions) -> None:
+    server = SluiceServer(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(server.ready_banner(), flush=True)
+    await stop.wait()
+    log.info("stopping: finishing accepted requests (grace %.0fs)", options.grace_seconds)
+    await server.stop()
+    log.info("stopped")
+
+
+def run(options: ServerOptions) -> None:
+    """Runs the server on uvloop (where available) until SIGINT/SIGTERM."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        asyncio.run(serve(options))
+        return
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(options))
+    else:  # pragma: no cover
+        uvloop.install()
+        asyncio.run(serve(options))

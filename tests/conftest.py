@@ -1,0 +1,112 @@
+"""Shared fixtures: a real `sluice serve` process on free ports.
+
+The server prints a banner line containing "ready: grpc HOST:PORT" once every
+model has finished loading; fixtures wait for that line (an event), never sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # lets tests import onnx_models
+
+_BANNER = re.compile(r"ready: grpc ([\d.]+):(\d+), http [\d.]+:(\d+)")
+
+
+class ServerProcess:
+    """A running `sluice serve`; `url` is host:port for gRPC clients."""
+
+    def __init__(self, repository: Path | None, extra_args: list[str], start_timeout_s: float = 60):
+        cmd = [sys.executable, "-m", "sluice.cli", "--log-level", "INFO", "serve",
+               "--grpc-port", "0", "--http-port", "0", *extra_args]
+        if repository is not None:
+            cmd += ["--model-repository", str(repository)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._ready = threading.Event()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._readers = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+        if not self._ready.wait(start_timeout_s) or not self.grpc_port:
+            self.stop()
+            raise RuntimeError(
+                "sluice serve did not become ready:\n" + "".join(self.stderr_lines[-40:])
+            )
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout_lines.append(line)
+            m = _BANNER.search(line)
+            if m:
+                self.grpc_port, self.http_port = int(m.group(2)), int(m.group(3))
+                self._ready.set()
+        self._ready.set()  # process ended: unblock the waiter
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def log(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        for t in self._readers:
+            t.join(timeout=5)
+        return rc
+
+
+@pytest.fixture
+def start_server() -> Iterator[object]:
+    """Factory: start_server(repository=None, *extra_args) -> ServerProcess.
+    Every server started is stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(repository: Path | None = None, *extra_args: str) -> ServerProcess:
+        server = ServerProcess(repository, list(extra_args))
+        started.append(server)
+        return server
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def example_server() -> Iterator[ServerProcess]:
+    """One server on the bundled example repository, shared by read-only tests."""
+    server = ServerProcess(None, [])
+    yield server
+    server.stop()
