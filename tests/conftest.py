@@ -27,8 +27,19 @@ class ServerProcess:
     """A running `sluice serve`; `url` is host:port for gRPC clients."""
 
     def __init__(self, repository: Path | None, extra_args: list[str], start_timeout_s: float = 60):
-        cmd = [sys.executable, "-m", "sluice.cli", "--log-level", "INFO", "serve",
-               "--grpc-port", "0", "--http-port", "0", *extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sluice.cli",
+            "--log-level",
+            "INFO",
+            "serve",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            *extra_args,
+        ]
         if repository is not None:
             cmd += ["--model-repository", str(repository)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

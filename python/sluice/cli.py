@@ -80,7 +80,9 @@ def _infer(args: argparse.Namespace) -> int:
                 arr = arr.astype(object if dt.is_bytes else dt.numpy)
             feeds[name] = arr
         if not feeds:
-            print("sluice infer: give --input NAME=VALUE for each input, or --random", file=sys.stderr)
+            print(
+                "sluice infer: give --input NAME=VALUE for each input, or --random", file=sys.stderr
+            )
             return 2
         response, outputs = client.infer(args.model, feeds, args.model_version, args.output)
     except ClientError as exc:
@@ -98,8 +100,10 @@ def _infer(args: argparse.Namespace) -> int:
             name: {
                 "datatype": t.datatype,
                 "shape": list(t.shape),
-                "data": [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                         for v in arr.reshape(-1).tolist()],
+                "data": [
+                    v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                    for v in arr.reshape(-1).tolist()
+                ],
             }
             for (name, arr), t in zip(outputs.items(), response.outputs, strict=True)
         },
@@ -118,24 +122,48 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", help="repository folder (default: bundled examples)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
-    serve.add_argument("--http-port", type=int, default=8002, help="metrics and health; 0 = free port")
-    serve.add_argument("--grace-seconds", type=float, default=30.0,
-                       help="on SIGINT/SIGTERM, time to finish accepted requests")
-    serve.add_argument("--grpc-max-message-bytes", type=int, default=256 * 1024 * 1024,
-                       help="largest request or response; larger ones get RESOURCE_EXHAUSTED")
-    serve.add_argument("--default-max-batch-size", type=int, default=4,
-                       help="max_batch_size given to batchable models without a config (Triton: 4)")
-    serve.add_argument("--execution-provider-fallback", choices=("fail", "cpu"), default="fail",
-                       help="when a requested GPU provider is not active: fail the load, or serve "
-                            "on the CPU flagged as degraded")
+    serve.add_argument(
+        "--http-port", type=int, default=8002, help="metrics and health; 0 = free port"
+    )
+    serve.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGINT/SIGTERM, time to finish accepted requests",
+    )
+    serve.add_argument(
+        "--grpc-max-message-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="largest request or response; larger ones get RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--default-max-batch-size",
+        type=int,
+        default=4,
+        help="max_batch_size given to batchable models without a config (Triton: 4)",
+    )
+    serve.add_argument(
+        "--execution-provider-fallback",
+        choices=("fail", "cpu"),
+        default="fail",
+        help="when a requested GPU provider is not active: fail the load, or serve "
+        "on the CPU flagged as degraded",
+    )
     serve.set_defaults(func=_serve)
 
     infer = sub.add_parser("infer", help="send one inference request and print the outputs")
     infer.add_argument("model")
-    infer.add_argument("--input", action="append", default=[], metavar="NAME=VALUE",
-                       help="a JSON array or a .npy file; repeat per input")
-    infer.add_argument("--random", action="store_true",
-                       help="random data for inputs not given (dynamic dims = 1)")
+    infer.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a JSON array or a .npy file; repeat per input",
+    )
+    infer.add_argument(
+        "--random", action="store_true", help="random data for inputs not given (dynamic dims = 1)"
+    )
     infer.add_argument("--output", action="append", help="request only these outputs")
     infer.add_argument("--model-version", default="")
     infer.add_argument("--url", default="127.0.0.1:8001")

@@ -57,7 +57,9 @@ def read_config_file(model_dir: Path) -> tuple[mc.ModelConfig, Path | None]:
     found = [model_dir / n for n in CONFIG_FILENAMES if (model_dir / n).is_file()]
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise ModelLoadError(f"model '{model_dir.name}' has several config files ({names}); keep one")
+        raise ModelLoadError(
+            f"model '{model_dir.name}' has several config files ({names}); keep one"
+        )
     config = mc.ModelConfig()
     if not found:
         return config, None
@@ -72,7 +74,9 @@ def read_config_file(model_dir: Path) -> tuple[mc.ModelConfig, Path | None]:
                 raise ValueError("the top level must be a mapping of ModelConfig fields")
             json_format.ParseDict(data, config)
     except (text_format.ParseError, json_format.ParseError, yaml.YAMLError, ValueError) as exc:
-        raise ModelLoadError(f"cannot parse {path.name} of model '{model_dir.name}': {exc}") from exc
+        raise ModelLoadError(
+            f"cannot parse {path.name} of model '{model_dir.name}': {exc}"
+        ) from exc
     return config, path
 
 

@@ -68,8 +68,9 @@ class DataPlane:
         mv = self.models.resolve(request.model_name, request.model_version)
         feeds, batch = self._validate_inputs(mv, request)
         output_names = self._output_names(mv, request)
-        assert mv.runtime is not None and mv.executor is not None
-        runtime = mv.runtime
+        runtime, executor = mv.runtime, mv.executor
+        assert runtime is not None
+        assert executor is not None
         loop = asyncio.get_running_loop()
         submitted_ns = _core.monotonic_ns()
         timing: dict[str, int] = {}
@@ -82,7 +83,7 @@ class DataPlane:
                 timing["end"] = _core.monotonic_ns()
 
         try:
-            results = await loop.run_in_executor(mv.executor, run)
+            results = await loop.run_in_executor(executor, run)
         except Exception as exc:
             mv.stats.record_failure(_core.monotonic_ns() - (request.received_ns or submitted_ns))
             raise InternalError(

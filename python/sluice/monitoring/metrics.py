@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sluice.monitoring.stats import InferStats
@@ -22,7 +22,7 @@ class InferenceCollector(Collector):
     def __init__(self, versions: Callable[[], Iterable[VersionView]]) -> None:
         self._versions = versions
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         labels = ["model", "version"]
         success = CounterMetricFamily(
             "nv_inference_request_success", "Successful inference requests", labels=labels
@@ -62,7 +62,9 @@ class InferenceCollector(Collector):
         yield from (success, failure, count, exec_count, *durations.values(), state)
 
 
-def build_registry(versions: Callable[[], Iterable[VersionView]], version: str) -> CollectorRegistry:
+def build_registry(
+    versions: Callable[[], Iterable[VersionView]], version: str
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     Info("sluice_build", "sluice build information", registry=registry).info({"version": version})
     registry.register(InferenceCollector(versions))

@@ -190,8 +190,10 @@ class ModelRuntime:
                 shape = tuple(value.shape())
                 count = int(np.prod(shape, dtype=np.int64))
                 raw = (ctypes.c_uint16 * count).from_address(value.data_ptr())
-                bits = np.frombuffer(raw, dtype=np.uint16).copy()
-                results.append(bits.view(datatypes.BY_WIRE["BF16"].numpy).reshape(shape))
+                bits = np.frombuffer(memoryview(raw), dtype=np.uint16).copy()
+                bf16 = datatypes.BY_WIRE["BF16"].numpy
+                assert bf16 is not None  # the model loaded, so ml_dtypes is present
+                results.append(bits.view(bf16).reshape(shape))
             else:
                 results.append(value.numpy())
         return results
@@ -232,7 +234,9 @@ def load_runtime(
     providers = _providers(config)
     fallback = _param(config, "execution_provider_fallback") or options.provider_fallback
     if fallback not in (FALLBACK_FAIL, FALLBACK_CPU):
-        raise ModelLoadError(f"execution_provider_fallback must be 'fail' or 'cpu', not {fallback!r}")
+        raise ModelLoadError(
+            f"execution_provider_fallback must be 'fail' or 'cpu', not {fallback!r}"
+        )
     so = _session_options(config, instances, options)
     sessions: list[ort.InferenceSession] = []
     degraded: str | None = None
@@ -246,7 +250,9 @@ def load_runtime(
     except ModelLoadError:
         raise
     except Exception as exc:  # onnxruntime raises several exception types
-        raise ModelLoadError(f"onnxruntime cannot load {path.parent.name}/{path.name}: {exc}") from exc
+        raise ModelLoadError(
+            f"onnxruntime cannot load {path.parent.name}/{path.name}: {exc}"
+        ) from exc
     signature = _signature(sessions[0])
     notes = cfg.complete_and_check(
         config, signature, model_name, default_max_batch_size=options.default_max_batch_size

@@ -47,7 +47,9 @@ def _configured_requests(
             raw = None
             if which == "input_data_file":
                 raw = (model_dir / "warmup" / spec.input_data_file).read_bytes()
-            feeds[name] = _array(dt, shape, "random" if which == "random_data" else "zero", rng, raw)
+            feeds[name] = _array(
+                dt, shape, "random" if which == "random_data" else "zero", rng, raw
+            )
         requests.append((w.name or "warmup", max(1, w.count), feeds))
     return requests
 
@@ -72,7 +74,9 @@ def warm_up(runtime: ModelRuntime, config: mc.ModelConfig, model_dir: Path) -> N
         try:
             requests = _configured_requests(config, model_dir)
         except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"model_warmup of model '{config.name}' is invalid: {exc}") from exc
+            raise ModelLoadError(
+                f"model_warmup of model '{config.name}' is invalid: {exc}"
+            ) from exc
         for name, count, feeds in requests:
             for _ in range(count * runtime.instance_count):
                 try:

@@ -103,8 +103,13 @@ class SluiceServer:
         await self._set_health()
         await self._grpc.start()
         self._http.start()
-        log.info("listening: grpc %s:%d, http %s:%d", self.options.host, self.grpc_port,
-                 self.options.host, self.http_port)
+        log.info(
+            "listening: grpc %s:%d, http %s:%d",
+            self.options.host,
+            self.grpc_port,
+            self.options.host,
+            self.http_port,
+        )
         self.models.scan()
         await self.models.load_all()
         self._ready = True
@@ -127,9 +132,15 @@ class SluiceServer:
         ]
         for name, model in sorted(self.models.models.items()):
             ready = [str(v.version) for v in model.ready_versions()]
-            state = f"READY (versions {', '.join(ready)})" if ready else "UNAVAILABLE: " + model.unavailable_reason()
+            state = (
+                f"READY (versions {', '.join(ready)})"
+                if ready
+                else "UNAVAILABLE: " + model.unavailable_reason()
+            )
             lines.append(f"  {name}: {state}")
-        example = next((n for n, m in sorted(self.models.models.items()) if m.ready_versions()), None)
+        example = next(
+            (n for n, m in sorted(self.models.models.items()) if m.ready_versions()), None
+        )
         if example is not None:
             lines.append(
                 f"try: sluice infer {example} --random --url {self.options.host}:{self.grpc_port}"

@@ -35,7 +35,10 @@ class InferenceClient:
             raise ClientError(exc.code().name, exc.details() or "") from None
 
     def metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
-        return self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version))
+        response: pb.ModelMetadataResponse = self._call(
+            "ModelMetadata", pb.ModelMetadataRequest(name=model, version=version)
+        )
+        return response
 
     def infer(
         self,
@@ -51,11 +54,15 @@ class InferenceClient:
             dt = datatypes.BY_WIRE[wire]
             request.inputs.add(name=name, datatype=wire, shape=list(arr.shape))
             if dt.is_bytes:
-                flat = [v if isinstance(v, bytes | str) else str(v) for v in arr.reshape(-1).tolist()]
+                flat = [
+                    v if isinstance(v, bytes | str) else str(v) for v in arr.reshape(-1).tolist()
+                ]
                 request.raw_input_contents.append(_core.encode_bytes_tensor(flat))
             else:
                 assert dt.numpy is not None
-                request.raw_input_contents.append(np.ascontiguousarray(arr, dtype=dt.numpy).tobytes())
+                request.raw_input_contents.append(
+                    np.ascontiguousarray(arr, dtype=dt.numpy).tobytes()
+                )
         for name in outputs or []:
             request.outputs.add(name=name)
         response = self._call("ModelInfer", request)

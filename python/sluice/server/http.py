@@ -22,7 +22,7 @@ class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -50,7 +50,9 @@ class HttpEndpoint:
             return [b""]
         if path == "/v2/health/ready":
             ok = self._is_ready()
-            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
             return [b""]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]

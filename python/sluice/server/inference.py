@@ -39,7 +39,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
     if error is None:
         log.exception("unexpected error", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-    await context.abort(grpc_status(error), error.message)
+    else:
+        await context.abort(grpc_status(error), error.message)
+    raise AssertionError("context.abort returned")  # it always raises
 
 
 async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
@@ -49,9 +51,7 @@ async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
         await _abort(context, exc)
 
 
-def _tensor_metadata(
-    t: Any, max_batch_size: int
-) -> pb.ModelMetadataResponse.TensorMetadata:
+def _tensor_metadata(t: Any, max_batch_size: int) -> pb.ModelMetadataResponse.TensorMetadata:
     dims = list(t.dims)
     shape = ([-1] if max_batch_size > 0 else []) + dims
     wire = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)].wire
