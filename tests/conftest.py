@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))  # lets tests import onnx_models
+sys.path.insert(0, str(TESTS))  # lets tests import onnx_models and sluice_proto_pool
+
+# Before anything imports sluice's generated protos: keep them out of protobuf's
+# default pool, which tritonclient's identical `inference` package occupies.
+import sluice_proto_pool  # noqa: E402, F401
 
 _BANNER = re.compile(r"ready: grpc ([\d.]+):(\d+), http [\d.]+:(\d+)")
 
@@ -96,6 +100,11 @@ class ServerProcess:
             rc = self.proc.wait()
         for t in self._readers:
             t.join(timeout=5)
+        # Close the pipes ourselves: left to the garbage collector they raise
+        # ResourceWarning, an error under filterwarnings=error.
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
         return rc
 
 

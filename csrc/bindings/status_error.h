@@ -28,5 +28,6 @@ inline void ThrowIfError(const Status& status) {
 void register_status(pybind11::module_& m);
 void register_clock(pybind11::module_& m);
 void register_bytes_codec(pybind11::module_& m);
+void register_batcher(pybind11::module_& m);
 
 }  // namespace sluice::bindings

@@ -169,10 +169,17 @@ def complete_and_check(
                     f"graph has a dynamic first dim on every tensor: max_batch_size set to "
                     f"{default_max_batch_size}"
                 )
+            if config.max_batch_size > 0 and not config.WhichOneof("scheduling_choice"):
+                # As Triton's autocomplete does: a batchable model gets the dynamic batcher.
+                config.dynamic_batching.SetInParent()
         elif config.max_batch_size > 0:
+            culprit = next(
+                t for t in (*signature.inputs, *tensor_outputs) if not t.shape or t.shape[0] != -1
+            )
             raise ModelLoadError(
                 f"model '{model_name}': max_batch_size {config.max_batch_size} needs a dynamic "
-                "first (batch) dim on every input and output, which the graph does not have"
+                f"first (batch) dim on every input and output, but '{culprit.name}' has shape "
+                f"{list(culprit.shape)}"
             )
         else:
             notes.append("graph has no common dynamic first dim: max_batch_size 0 (no batching)")
@@ -193,7 +200,7 @@ def complete_and_check(
             )
 
     _check_tensors(config.input, signature.inputs, config.max_batch_size, model_name, "input")
-    _check_tensors(config.output, tensor_outputs, config.max_batch_size, model_name, "output")
+    _check_tensors(config.output, signature.outputs, config.max_batch_size, model_name, "output")
     declared = {i.name for i in config.input}
     missing = [s.name for s in signature.inputs if s.name not in declared]
     if missing:
@@ -228,6 +235,11 @@ def _check_tensors(
             raise ModelLoadError(
                 f"{where} is not in the model; the model's {kind}s are "
                 f"{', '.join(repr(n) for n in by_name) or 'none'}"
+            )
+        if not spec.is_tensor:
+            raise ModelLoadError(
+                f"{where} has non-tensor type {spec.onnx_type} in the model, which the "
+                "inference protocol cannot carry; leave it out of the config"
             )
         want = _datatype_of(spec)
         got = mc.DataType.Name(t.data_type)

@@ -8,7 +8,6 @@ execution happens on the version's worker threads.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sluice import _core, datatypes
-from sluice.errors import InternalError, InvalidArgumentError
+from sluice.errors import InvalidArgumentError, SluiceError
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository import ModelManager, ModelVersion
 
@@ -38,6 +37,7 @@ class InferRequest:
     outputs: list[str]  # requested output names; empty = all
     parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     received_ns: int = 0  # core monotonic clock, when the transport got it
+    deadline_ns: int = 0  # time left before the client's deadline; 0 = none
 
 
 @dataclasses.dataclass
@@ -56,6 +56,23 @@ class InferResponse:
     outputs: list[InferOutput]
 
 
+def _int_param(request: InferRequest, key: str) -> int:
+    value = request.parameters.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(
+            f"parameter '{key}' of a request for model '{request.model_name}' must be a "
+            f"non-negative integer, got {value!r}"
+        )
+    return value
+
+
+def _shape_key(feeds: Mapping[str, np.ndarray[Any, Any]]) -> int:
+    """Requests batch together only when every input's non-batch dims match."""
+    return hash(tuple((name, arr.shape[1:]) for name, arr in feeds.items()))
+
+
 def _shape_str(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
@@ -66,42 +83,38 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         mv = self.models.resolve(request.model_name, request.model_version)
-        feeds, batch = self._validate_inputs(mv, request)
-        output_names = self._output_names(mv, request)
-        runtime, executor = mv.runtime, mv.executor
-        assert runtime is not None
-        assert executor is not None
-        loop = asyncio.get_running_loop()
-        submitted_ns = _core.monotonic_ns()
-        timing: dict[str, int] = {}
-
-        def run() -> list[np.ndarray[Any, Any]]:
-            timing["start"] = _core.monotonic_ns()
-            try:
-                return runtime.run(feeds, output_names)
-            finally:
-                timing["end"] = _core.monotonic_ns()
-
+        submitted = _core.monotonic_ns()
+        received = request.received_ns or submitted
         try:
-            results = await loop.run_in_executor(executor, run)
-        except Exception as exc:
-            mv.stats.record_failure(_core.monotonic_ns() - (request.received_ns or submitted_ns))
-            raise InternalError(
-                f"onnxruntime failed to run model '{mv.name}' version {mv.version}: {exc}"
-            ) from exc
+            feeds, rows = self._validate_inputs(mv, request)
+            output_names = self._output_names(mv, request)
+            scheduler = mv.scheduler
+            assert scheduler is not None  # set before the version turns READY
+            result = await scheduler.submit(
+                feeds,
+                rows,
+                _shape_key(feeds),
+                priority=_int_param(request, "priority"),
+                timeout_ns=_int_param(request, "timeout") * 1_000,  # Triton sends microseconds
+                deadline_ns=request.deadline_ns,
+            )
+        except SluiceError:
+            mv.stats.record_failure(_core.monotonic_ns() - received)
+            raise
         outputs = [
             InferOutput(name, datatypes.from_numpy(arr.dtype).wire, tuple(arr.shape), arr)
-            for name, arr in zip(output_names, results, strict=True)
+            for name in output_names
+            for arr in (result.outputs[name],)
         ]
         done_ns = _core.monotonic_ns()
-        received = request.received_ns or submitted_ns
-        mv.stats.record_success(
-            batch_size=batch,
+        in_core_ns = result.queue_ns + result.compute_input_ns + result.compute_infer_ns
+        mv.stats.record_request(
             request_ns=done_ns - received,
-            queue_ns=timing["start"] - submitted_ns,
-            compute_input_ns=submitted_ns - received,
-            compute_infer_ns=timing["end"] - timing["start"],
-            compute_output_ns=done_ns - timing["end"],
+            queue_ns=result.queue_ns,
+            compute_input_ns=result.compute_input_ns,
+            compute_infer_ns=result.compute_infer_ns,
+            # After the model ran: splitting, the hop back to the loop.
+            compute_output_ns=max(0, done_ns - submitted - in_core_ns),
         )
         return InferResponse(mv.name, str(mv.version), request.id, outputs)
 
@@ -178,8 +191,8 @@ class DataPlane:
             batch = sizes.pop()
             if batch < 1 or batch > config.max_batch_size:
                 raise InvalidArgumentError(
-                    f"inference request batch-size must be <= {config.max_batch_size} for "
-                    f"'{model}', got {batch}"
+                    f"inference request batch-size must be between 1 and "
+                    f"{config.max_batch_size} for '{model}', got {batch}"
                 )
         return feeds, batch
 
@@ -188,6 +201,10 @@ class DataPlane:
         known = [o.name for o in mv.config.output]
         if not request.outputs:
             return known
+        if len(set(request.outputs)) != len(request.outputs):
+            raise InvalidArgumentError(
+                f"a request for model '{mv.name}' asks for the same output more than once"
+            )
         for name in request.outputs:
             if name not in known:
                 raise InvalidArgumentError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -10,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sluice
 from hypothesis import given
 from hypothesis import strategies as st
-
-import sluice
 from sluice import _core
 from sluice.errors import InvalidArgumentError
 from sluice.server.errors import as_sluice_error
@@ -45,9 +45,11 @@ def test_decode_never_crashes_on_garbage(data: bytes, count: int) -> None:
     try:
         out = _core.decode_bytes_tensor(data, count, False)
     except _core.StatusError as exc:
-        assert exc.args[0] == "invalid_argument"
+        code = exc.args[0]
     else:
+        code = "ok"
         assert len(out) == count
+    assert code in ("ok", "invalid_argument")
 
 
 def test_decode_accepts_memoryview_and_numpy_buffers() -> None:
@@ -91,7 +93,7 @@ def test_monotonic_clock_is_monotonic_across_threads() -> None:
     for t in threads:
         t.join()
     for s in seen:
-        assert all(b >= a for a, b in zip(s, s[1:], strict=False))
+        assert all(b >= a for a, b in itertools.pairwise(s))
 
 
 def test_import_without_core_says_how_to_build(tmp_path: Path) -> None:

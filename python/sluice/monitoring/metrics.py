@@ -14,8 +14,8 @@ from prometheus_client.registry import Collector
 
 from sluice.monitoring.stats import InferStats
 
-# (model, version, state, stats); state is the lifecycle name, e.g. "READY".
-VersionView = tuple[str, str, str, InferStats]
+# (model, version, state, queued requests, stats); state is the lifecycle name.
+VersionView = tuple[str, str, str, int, InferStats]
 
 
 class InferenceCollector(Collector):
@@ -42,12 +42,17 @@ class InferenceCollector(Collector):
             )
             for name in ("request", "queue", "compute_input", "compute_infer", "compute_output")
         }
+        pending = GaugeMetricFamily(
+            "nv_inference_pending_request_count",
+            "Requests waiting in the scheduler queue",
+            labels=labels,
+        )
         state = GaugeMetricFamily(
             "sluice_model_state",
             "1 for the lifecycle state each model version is in",
             labels=[*labels, "state"],
         )
-        for model, version, state_name, s in self._versions():
+        for model, version, state_name, queued, s in self._versions():
             lv = [model, version]
             success.add_metric(lv, s.success.count)
             failure.add_metric(lv, s.fail.count)
@@ -58,8 +63,9 @@ class InferenceCollector(Collector):
             durations["compute_input"].add_metric(lv, s.compute_input.ns // 1000)
             durations["compute_infer"].add_metric(lv, s.compute_infer.ns // 1000)
             durations["compute_output"].add_metric(lv, s.compute_output.ns // 1000)
+            pending.add_metric(lv, queued)
             state.add_metric([*lv, state_name], 1)
-        yield from (success, failure, count, exec_count, *durations.values(), state)
+        yield from (success, failure, count, exec_count, *durations.values(), pending, state)
 
 
 def build_registry(

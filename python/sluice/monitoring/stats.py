@@ -40,28 +40,38 @@ class InferStats:
     last_inference_ms: int = 0  # wall-clock ms since the epoch, as Triton reports
     batch_stats: dict[int, BatchStat] = dataclasses.field(default_factory=dict)
 
-    def record_success(
+    def record_request(
         self,
         *,
-        batch_size: int,
         request_ns: int,
         queue_ns: int,
         compute_input_ns: int,
         compute_infer_ns: int,
         compute_output_ns: int,
     ) -> None:
+        """One successful request; its phases as Triton splits them."""
         self.success.add(request_ns)
         self.queue.add(queue_ns)
         self.compute_input.add(compute_input_ns)
         self.compute_infer.add(compute_infer_ns)
         self.compute_output.add(compute_output_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_execution(
+        self,
+        *,
+        batch_size: int,
+        compute_input_ns: int,
+        compute_infer_ns: int,
+        compute_output_ns: int,
+    ) -> None:
+        """One model execution of `batch_size` rows (however many requests)."""
         self.inference_count += batch_size
         self.execution_count += 1
         bs = self.batch_stats.setdefault(batch_size, BatchStat())
         bs.compute_input.add(compute_input_ns)
         bs.compute_infer.add(compute_infer_ns)
         bs.compute_output.add(compute_output_ns)
-        self.last_inference_ms = time.time_ns() // 1_000_000
 
     def record_failure(self, request_ns: int) -> None:
         self.fail.add(request_ns)

@@ -7,7 +7,6 @@ Threading: all public methods run on the event loop; the blocking work
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -21,6 +20,7 @@ from sluice.repository.lifecycle import VersionState, check_transition
 from sluice.repository.policy import select_versions, version_dirs
 from sluice.runtime import ModelRuntime, RuntimeOptions, load_runtime
 from sluice.runtime.warmup import warm_up
+from sluice.scheduling import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ModelVersion:
     reason: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
     runtime: ModelRuntime | None = None
-    executor: concurrent.futures.ThreadPoolExecutor | None = None
+    scheduler: Scheduler | None = None
     load_seconds: float = 0.0
     stats: InferStats = dataclasses.field(default_factory=InferStats)
 
@@ -93,6 +93,15 @@ class ModelManager:
                 cfg.validate_static(model.config, model.name)
                 available = version_dirs(model_dir)
                 chosen = select_versions(available, model.config.version_policy)
+                policy = model.config.version_policy
+                if policy.WhichOneof("policy_choice") == "specific":
+                    absent = sorted(set(policy.specific.versions) - set(available))
+                    if absent:
+                        log.warning(
+                            "model '%s': version policy names version(s) %s, which have no folder",
+                            model.name,
+                            absent,
+                        )
                 if not chosen:
                     raise ModelLoadError(
                         f"model '{model.name}' has no version folder that its version policy "
@@ -110,16 +119,19 @@ class ModelManager:
     async def load_all(self, parallelism: int = 2) -> None:
         """Loads every scanned version; failures stay local to their version."""
         gate = asyncio.Semaphore(parallelism)
+        loop = asyncio.get_running_loop()
 
         async def one(model: Model, mv: ModelVersion) -> None:
             async with gate:
-                await asyncio.to_thread(self._load_version, model, mv)
+                await asyncio.to_thread(self._load_version, model, mv, loop)
 
         await asyncio.gather(
             *(one(m, v) for m in self.models.values() for v in m.versions.values())
         )
 
-    def _load_version(self, model: Model, mv: ModelVersion) -> None:
+    def _load_version(
+        self, model: Model, mv: ModelVersion, loop: asyncio.AbstractEventLoop
+    ) -> None:
         # Runs on a worker thread; mutates only `mv`, which no request sees
         # until its state becomes READY (set last).
         started = time.monotonic()
@@ -127,15 +139,14 @@ class ModelManager:
             path = cfg.model_file(model.directory, mv.version, mv.config)
             runtime, notes = load_runtime(path, mv.config, model.name, self.options)
             warm_up(runtime, mv.config, model.directory)
+            scheduler = Scheduler(mv.name, mv.version, mv.config, runtime, mv.stats, loop)
         except ModelLoadError as exc:
             mv.transition(VersionState.FAILED, exc.message)
             log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, exc.message)
             return
         mv.runtime = runtime
         mv.notes = notes
-        mv.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=runtime.instance_count, thread_name_prefix=f"{mv.name}-v{mv.version}"
-        )
+        mv.scheduler = scheduler
         mv.load_seconds = time.monotonic() - started
         for note in notes:
             log.info("model '%s' version %d: %s", mv.name, mv.version, note)
@@ -151,13 +162,15 @@ class ModelManager:
             runtime.instance_count,
         )
 
-    def unload_all(self) -> None:
+    async def unload_all(self) -> None:
+        """Takes every version out of routing, drains its queue, releases it."""
         for model in self.models.values():
             for mv in model.versions.values():
                 if mv.state is VersionState.READY:
                     mv.transition(VersionState.DRAINING)
-                if mv.executor is not None:
-                    mv.executor.shutdown(wait=True)
+                if mv.scheduler is not None:
+                    await mv.scheduler.stop()
+                    mv.scheduler = None
                 if mv.state in (VersionState.DRAINING, VersionState.FAILED):
                     mv.transition(VersionState.UNLOADED)
                 mv.runtime = None
@@ -175,7 +188,7 @@ class ModelManager:
         means the highest ready version, as in Triton."""
         model = self.model(name)
         if version:
-            if not version.isdigit():
+            if not (version.isascii() and version.isdigit()) or version.startswith("0"):
                 raise NotFoundError(
                     f"Request for unknown model: '{name}' version '{version}' is not found"
                 )

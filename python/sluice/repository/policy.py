@@ -13,7 +13,7 @@ def version_dirs(model_dir: Path) -> list[int]:
     versions = []
     for child in model_dir.iterdir():
         name = child.name
-        if child.is_dir() and name.isdigit() and not name.startswith("0"):
+        if child.is_dir() and name.isascii() and name.isdigit() and not name.startswith("0"):
             versions.append(int(name))
     return sorted(versions)
 

@@ -238,13 +238,15 @@ def load_runtime(
             f"execution_provider_fallback must be 'fail' or 'cpu', not {fallback!r}"
         )
     so = _session_options(config, instances, options)
+    # Ask onnxruntime only for providers this build has (it would warn and drop
+    # the others); the check after creation reports what is missing.
+    installed = set(ort.get_available_providers())
+    usable = [(p, o) for p, o in providers if p in installed]
     sessions: list[ort.InferenceSession] = []
     degraded: str | None = None
     try:
         for _ in range(instances):
-            s = ort.InferenceSession(
-                str(path), sess_options=so, providers=[(p, o) for p, o in providers]
-            )
+            s = ort.InferenceSession(str(path), sess_options=so, providers=usable)
             degraded = _verify_providers(s, [p for p, _ in providers], fallback, model_name)
             sessions.append(s)
     except ModelLoadError:

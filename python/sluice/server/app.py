@@ -79,7 +79,8 @@ class SluiceServer:
     def _version_views(self) -> Iterator[VersionView]:
         for m in list(self.models.models.values()):
             for v in list(m.versions.values()):
-                yield m.name, str(v.version), v.state.value, v.stats
+                queued = v.scheduler.queued_requests if v.scheduler is not None else 0
+                yield m.name, str(v.version), v.state.value, queued, v.stats
 
     async def _set_health(self) -> None:
         overall = (
@@ -121,7 +122,7 @@ class SluiceServer:
         self._ready = False
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(self.options.grace_seconds)
-        await asyncio.to_thread(self.models.unload_all)
+        await self.models.unload_all()
         self._http.stop()
 
     def ready_banner(self) -> str:

@@ -6,6 +6,7 @@ request's bytes). BYTES go through the core's length-prefix codec.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -37,17 +38,27 @@ def _param_value(p: pb.InferParameter) -> Any:
     return getattr(p, which) if which else None
 
 
+# No tensor may claim more elements than a message could carry (2 GiB bytes).
+_MAX_ELEMENTS = 1 << 31
+
+
 def _element_count(shape: tuple[int, ...], where: str) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(f"{where} has a negative dim in shape {list(shape)}")
-    return int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: no silent int64 wrap-around
+    if count > _MAX_ELEMENTS:
+        raise InvalidArgumentError(f"{where}: shape {list(shape)} holds too many elements")
+    return count
 
 
 def _decode_raw(raw: bytes, dt: datatypes.DataType, shape: tuple[int, ...], where: str) -> Any:
     count = _element_count(shape, where)
     if dt.is_bytes:
         # onnxruntime string tensors take str; the core validates the UTF-8.
-        items = _core.decode_bytes_tensor(raw, count, True)
+        try:
+            items = _core.decode_bytes_tensor(raw, count, True)
+        except _core.StatusError as exc:
+            raise InvalidArgumentError(f"{where}: {exc.args[1]}") from None
         arr = np.empty(count, dtype=object)
         arr[:] = items
         return arr.reshape(shape)

@@ -47,7 +47,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRet
 async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
     try:
         return await call
-    except (SluiceError, _core.StatusError) as exc:
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # every failure leaves as a gRPC status, never UNKNOWN
         await _abort(context, exc)
 
 
@@ -169,22 +171,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -----------------------------------------------------------
 
-    async def _infer(self, msg: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(
+        self, msg: pb.ModelInferRequest, time_remaining_s: float | None = None
+    ) -> pb.ModelInferResponse:
         received_ns = _core.monotonic_ns()
         try:
             request = codec.decode_request(msg, received_ns)
-            response = await self._dataplane.infer(request)
-        except (SluiceError, _core.StatusError) as exc:
-            error = as_sluice_error(exc)
-            if error is not None and error.code.value == "invalid_argument":
-                self._dataplane.record_rejected(msg.model_name, msg.model_version, received_ns)
+        except (SluiceError, _core.StatusError):
+            # Undecodable input never reaches the data plane; count it here.
+            self._dataplane.record_rejected(msg.model_name, msg.model_version, received_ns)
             raise
+        if time_remaining_s is not None:
+            request.deadline_ns = max(1, int(time_remaining_s * 1e9))
+        response = await self._dataplane.infer(request)
         return codec.encode_response(response, raw=bool(msg.raw_input_contents))
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await _guard(context, self._infer(request))
+        return await _guard(context, self._infer(request, context.time_remaining()))
 
     async def ModelStreamInfer(
         self,

@@ -1,0 +1,167 @@
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "sluice/batcher.h"
+#include "sluice/gather.h"
+#include "status_error.h"
+
+namespace py = pybind11;
+
+namespace sluice::bindings {
+namespace {
+
+using ExpiredTuple = std::tuple<uint64_t, std::string, std::string>;
+using NextResult = std::optional<std::pair<std::optional<Batch>, std::vector<ExpiredTuple>>>;
+
+// Owns the clock it runs on: the steady clock, or a ManualClock shared with Python.
+class PyBatcher {
+ public:
+  PyBatcher(BatcherOptions options, std::shared_ptr<ManualClock> manual)
+      : manual_(std::move(manual)),
+        batcher_(std::move(options), manual_ ? static_cast<const Clock&>(*manual_)
+                                             : SteadyClock::Instance()) {}
+
+  void Enqueue(uint64_t id, int32_t rows, uint64_t shape_key, uint32_t priority,
+               int64_t timeout_ns, bool force_timeout) {
+    EnqueueArgs args;
+    args.id = id;
+    args.rows = rows;
+    args.shape_key = shape_key;
+    args.priority = priority;
+    args.timeout_ns = timeout_ns;
+    args.force_timeout = force_timeout;
+    ThrowIfError(batcher_.Enqueue(args));
+  }
+
+  // None: stopped and drained. Otherwise (batch or None, expired list).
+  NextResult Next(int64_t max_wait_ns, bool blocking) {
+    Batch batch;
+    std::vector<Expired> expired;
+    bool got;
+    {
+      // Workers block here for the next batch; the batcher never calls back
+      // into Python, so waiting without the GIL is safe.
+      py::gil_scoped_release release;
+      got = blocking ? batcher_.NextBatch(&batch, &expired, max_wait_ns)
+                     : batcher_.TryNextBatch(&batch, &expired);
+    }
+    if (blocking && !got) return std::nullopt;
+    std::vector<ExpiredTuple> out;
+    out.reserve(expired.size());
+    for (const Expired& e : expired) {
+      out.emplace_back(e.id, StatusCodeName(e.status.code()), e.status.message());
+    }
+    std::optional<Batch> b;
+    if (!batch.ids.empty()) b = std::move(batch);
+    return std::make_pair(std::move(b), std::move(out));
+  }
+
+  Batcher& batcher() { return batcher_; }
+
+ private:
+  std::shared_ptr<ManualClock> manual_;
+  Batcher batcher_;
+};
+
+// Copies C-contiguous arrays back to back into `out` without the GIL.
+void GatherRows(const std::vector<py::buffer>& parts, py::buffer out) {
+  py::buffer_info dst = out.request(true);
+  std::vector<ConstSpan> spans;
+  spans.reserve(parts.size());
+  std::vector<py::buffer_info> keep;  // holds the views for the copy
+  keep.reserve(parts.size());
+  size_t total = 0;
+  for (const py::buffer& p : parts) {
+    keep.push_back(p.request());
+    const py::buffer_info& info = keep.back();
+    const auto size = static_cast<size_t>(info.size * info.itemsize);
+    py::ssize_t expect = info.itemsize;
+    for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+      if (info.shape[static_cast<size_t>(d)] > 1 && info.strides[static_cast<size_t>(d)] != expect) {
+        ThrowIfError(Status::InvalidArgument("gather_rows needs C-contiguous parts"));
+      }
+      expect *= info.shape[static_cast<size_t>(d)];
+    }
+    spans.push_back(ConstSpan{static_cast<const uint8_t*>(info.ptr), size});
+    total += size;
+  }
+  if (total != static_cast<size_t>(dst.size * dst.itemsize)) {
+    ThrowIfError(Status::InvalidArgument("gather_rows: parts hold " + std::to_string(total) +
+                                         " bytes, out holds " +
+                                         std::to_string(dst.size * dst.itemsize)));
+  }
+  auto* base = static_cast<uint8_t*>(dst.ptr);
+  py::gil_scoped_release release;
+  GatherSpans(spans, base);
+}
+
+}  // namespace
+
+void register_batcher(py::module_& m) {
+  py::enum_<TimeoutAction>(m, "TimeoutAction")
+      .value("REJECT", TimeoutAction::kReject)
+      .value("DELAY", TimeoutAction::kDelay);
+
+  py::class_<QueuePolicy>(m, "QueuePolicy")
+      .def(py::init<>())
+      .def_readwrite("timeout_action", &QueuePolicy::timeout_action)
+      .def_readwrite("default_timeout_ns", &QueuePolicy::default_timeout_ns)
+      .def_readwrite("allow_timeout_override", &QueuePolicy::allow_timeout_override)
+      .def_readwrite("max_queue_size", &QueuePolicy::max_queue_size);
+
+  py::class_<BatcherOptions>(m, "BatcherOptions")
+      .def(py::init<>())
+      .def_readwrite("max_batch_size", &BatcherOptions::max_batch_size)
+      .def_readwrite("batching", &BatcherOptions::batching)
+      .def_readwrite("preferred_batch_sizes", &BatcherOptions::preferred_batch_sizes)
+      .def_readwrite("max_queue_delay_ns", &BatcherOptions::max_queue_delay_ns)
+      .def_readwrite("preserve_ordering", &BatcherOptions::preserve_ordering)
+      .def_readwrite("priority_levels", &BatcherOptions::priority_levels)
+      .def_readwrite("default_priority_level", &BatcherOptions::default_priority_level)
+      .def_readwrite("default_queue_policy", &BatcherOptions::default_queue_policy)
+      .def_readwrite("priority_queue_policy", &BatcherOptions::priority_queue_policy)
+      .def_readwrite("slo_target_ns", &BatcherOptions::slo_target_ns)
+      .def_readwrite("instance_count", &BatcherOptions::instance_count);
+
+  py::class_<Batch>(m, "Batch")
+      .def_readonly("ids", &Batch::ids)
+      .def_readonly("rows", &Batch::rows)
+      .def_readonly("enqueued_ns", &Batch::enqueued_ns)
+      .def_readonly("total_rows", &Batch::total_rows)
+      .def_readonly("formed_ns", &Batch::formed_ns)
+      .def_readonly("sequence", &Batch::sequence);
+
+  py::class_<ManualClock, std::shared_ptr<ManualClock>>(m, "ManualClock")
+      .def(py::init<int64_t>(), py::arg("start_ns") = 0)
+      .def("now_ns", &ManualClock::NowNs)
+      .def("advance_ns", &ManualClock::AdvanceNs)
+      .def("set_ns", &ManualClock::SetNs);
+
+  py::class_<PyBatcher>(m, "Batcher")
+      .def(py::init<BatcherOptions, std::shared_ptr<ManualClock>>(), py::arg("options"),
+           py::arg("clock") = nullptr)
+      .def("enqueue", &PyBatcher::Enqueue, py::arg("id"), py::arg("rows"), py::arg("shape_key"),
+           py::arg("priority") = 0, py::arg("timeout_ns") = 0, py::arg("force_timeout") = false)
+      .def("next_batch", [](PyBatcher& b, int64_t max_wait_ns) { return b.Next(max_wait_ns, true); },
+           py::arg("max_wait_ns") = -1)
+      .def("try_next_batch", [](PyBatcher& b) { return b.Next(0, false); })
+      .def("cancel", [](PyBatcher& b, uint64_t id) { return b.batcher().Cancel(id); })
+      .def("stop", [](PyBatcher& b) { b.batcher().Stop(); })
+      .def("record_execution",
+           [](PyBatcher& b, int32_t rows, int64_t exec_ns) { b.batcher().RecordExecution(rows, exec_ns); })
+      .def_property_readonly("queued_requests",
+                             [](PyBatcher& b) { return b.batcher().QueuedRequests(); })
+      .def_property_readonly("queued_rows", [](PyBatcher& b) { return b.batcher().QueuedRows(); });
+
+  m.def("gather_rows", &GatherRows, py::arg("parts"), py::arg("out"),
+        "Copy C-contiguous arrays back to back into `out` (GIL released for the copy).");
+}
+
+}  // namespace sluice::bindings
