@@ -298,3 +298,32 @@ def test_gather_rows_concatenates_without_copies_in_python() -> None:
     np.testing.assert_array_equal(out, np.concatenate(parts))
     with pytest.raises(_core.StatusError):
         _core.gather_rows(parts, np.empty((4, 3), np.float32))
+
+
+def _trained_slo_batcher(target_ms: float) -> tuple[_core.Batcher, _core.ManualClock]:
+    b, clock = make(max_batch=8, slo_target_ns=int(target_ms * MS))
+    for i in range(300):  # exact t(n) = 1 ms + 0.125 ms * n, so the spread decays
+        n = (1, 4, 8)[i % 3]
+        b.record_execution(n, MS + n * MS // 8)
+    return b, clock
+
+
+def test_slo_admission_refuses_what_cannot_meet_the_target() -> None:
+    b, _ = _trained_slo_batcher(10)
+    # t(8) = 2 ms; 32 queued rows are 4 batches: 4 * 2 + 1 = 9 ms <= 10 ms.
+    for i in range(32):
+        b.enqueue(i, 1, 0)
+    with pytest.raises(_core.StatusError) as info:
+        b.enqueue(99, 1, 0)  # a fifth batch: 11 ms > 10 ms
+    assert info.value.args[0] == "resource_exhausted"
+    assert "latency target of 10.0 ms" in info.value.args[1]
+
+
+def test_slo_dispatch_waits_while_the_oldest_request_can_afford_it() -> None:
+    b, clock = _trained_slo_batcher(10)
+    b.enqueue(1, 1, 0)
+    clock.advance_ns(8 * MS)  # 8 + t(2) = 9.25 ms < 10 ms: keep growing the batch
+    assert take(b) == ([], [])
+    b.enqueue(2, 1, 0)
+    clock.advance_ns(1 * MS)  # 9 + t(3) = 10.4 ms >= 10 ms: run now
+    assert take(b)[0] == [1, 2]

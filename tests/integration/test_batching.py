@@ -72,6 +72,21 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def _sum_squares(path: Path) -> None:
+    """y [N,1] = sum(x * x) over a dynamic second dim: cost grows with the width."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "x"], ["sq"]),
+            helper.make_node("ReduceSum", ["sq", "axes"], ["y"], keepdims=1),
+        ],
+        "sum_squares",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "K"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    _save(graph, path)
+
+
 MLP_IO = """
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 16 ] } ]
 output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
@@ -104,8 +119,12 @@ dynamic_batching {{
         "gather": """max_batch_size: 16
 dynamic_batching { max_queue_delay_microseconds: 3000 }""",
     }
+    configs["ordered"] = """max_batch_size: 8
+instance_group [ { count: 2 kind: KIND_CPU } ]
+dynamic_batching { preserve_ordering: true }"""
+    builders = {"gather": _gather, "ordered": _sum_squares}
     for name, text in configs.items():
-        (_gather if name == "gather" else _mlp)(root / name / "1" / "model.onnx")
+        builders.get(name, _mlp)(root / name / "1" / "model.onnx")
         (root / name / "config.pbtxt").write_text(text)
     return root
 
@@ -282,3 +301,48 @@ def test_a_failing_batch_fails_only_its_requests(server: ServerProcess, repo: Pa
                 client.infer("gather", ins)
         else:
             np.testing.assert_array_equal(client.infer("gather", ins).as_numpy("y"), [[4, 5, 6, 7]])
+
+
+def test_preserve_ordering_returns_responses_in_request_order(server: ServerProcess) -> None:
+    """Wide (slow) and narrow (fast) requests alternate on two instances; a fast
+    one would overtake a slow one unless the scheduler holds it back."""
+    received: list[str] = []
+    done = threading.Event()
+    sent = 12
+
+    def callback(result: object, error: object) -> None:
+        assert error is None, error
+        assert isinstance(result, tc.InferResult)
+        received.append(result.get_response().id)
+        if len(received) == sent:
+            done.set()
+
+    client = tc.InferenceServerClient(server.url)
+    client.start_stream(callback)
+    try:
+        for i in range(sent):
+            width = 2_000_000 if i % 2 == 0 else 1
+            x = tc.InferInput("x", [1, width], "FP32")
+            x.set_data_from_numpy(np.ones((1, width), np.float32))
+            client.async_stream_infer("ordered", [x], request_id=str(i))
+        assert done.wait(60)
+    finally:
+        client.stop_stream()
+    assert received == [str(i) for i in range(sent)]
+
+
+def test_cancelled_call_is_removed_from_the_queue(server: ServerProcess) -> None:
+    client = tc.InferenceServerClient(server.url)
+    before = _stats(server.url, "mlp_priorities")
+    outcome: list[object] = []
+    call = client.async_infer(
+        "mlp_priorities",
+        [_input(np.zeros((1, 16), np.float32))],
+        lambda result, error: outcome.append(error or result),
+    )
+    _wait_for(lambda: _pending(server, "mlp_priorities") == 1)  # queued, waiting out its delay
+    call.cancel()
+    _wait_for(lambda: _pending(server, "mlp_priorities") == 0)
+    client.infer("mlp_priorities", [_input(np.ones((1, 16), np.float32))])
+    rows, _ = (a - b for a, b in zip(_stats(server.url, "mlp_priorities"), before, strict=True))
+    assert rows == 1, "the cancelled request must never run"
