@@ -80,6 +80,7 @@ class ModeResult:
     goodput_rps: float = 0.0
     rejected: int = 0
     errors_by_status: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)  # first message per status
     p50_ok_ms: float | None = None
     p99_ok_ms: float | None = None
     p50_ok_from_send_ms: float | None = None
@@ -122,6 +123,7 @@ async def capacity_probe(
     end = start + seconds
     ok = 0
     errors: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
 
     async def worker() -> None:
         nonlocal ok
@@ -130,6 +132,7 @@ async def capacity_probe(
                 await client.infer(model, inputs, client_timeout=timeout_s)
             except InferenceServerException as exc:
                 errors[_status(exc)] += 1
+                examples.setdefault(_status(exc), str(exc.message())[:300])
                 continue
             if loop.time() >= warm:
                 ok += 1
@@ -149,6 +152,7 @@ async def capacity_probe(
         "ok": ok,
         "rps": ok / measured,
         "errors_by_status": dict(errors),
+        "error_examples": examples,
     }
 
 
@@ -168,11 +172,12 @@ async def open_loop(
     offsets: Any,
     timeout_s: float,
     seed: int,
-) -> list[Sample]:
+) -> tuple[list[Sample], dict[str, str]]:
     inputs = make_inputs(seed)
     client = aioclient.InferenceServerClient(url)
     loop = asyncio.get_running_loop()
     samples: list[Sample] = []
+    examples: dict[str, str] = {}
 
     async def one(scheduled: float) -> None:
         sent = loop.time()
@@ -182,6 +187,7 @@ async def open_loop(
             status = "OK"
         except InferenceServerException as exc:
             status = _status(exc)
+            examples.setdefault(status, str(exc.message())[:300])
         finally:
             samples.append(Sample(scheduled, sent, loop.time(), status))
 
@@ -207,7 +213,7 @@ async def open_loop(
                     await task
     finally:
         await client.close()
-    return samples
+    return samples, examples
 
 
 def summarise(
@@ -320,8 +326,10 @@ async def _measure(args: argparse.Namespace, url: str, result: dict[str, Any]) -
     fixed = f"{MODEL}_batched"
     slo = f"{MODEL}_slo"
     # Warm both models (first runs allocate arenas).
-    for model in (slo, fixed):
+    result["warmup"] = [
         await capacity_probe(url, model, 4, 0.5, args.client_timeout_s, args.seed)
+        for model in (slo, fixed)
+    ]
 
     if args.capacity:
         capacity = float(args.capacity)
@@ -369,10 +377,11 @@ async def _measure(args: argparse.Namespace, url: str, result: dict[str, Any]) -
             flush=True,
         )
         before = harness.model_counts(url, model)
-        samples = await open_loop(url, model, offsets, args.client_timeout_s, args.seed)
+        samples, examples = await open_loop(url, model, offsets, args.client_timeout_s, args.seed)
         drained, complete = await asyncio.to_thread(wait_idle, url, model, 1.0, args.drain_max_s)
         after = harness.model_counts(url, model)
         r = summarise(mode, model, rate, args.duration, samples, target_s)
+        r.error_examples = examples
         r.avg_batch = harness.avg_batch(before, after)
         r.server_rows = after[0] - before[0] if before and after else None
         r.drained_s, r.drain_complete = drained, complete
@@ -503,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"WARNING: {m.mode}: sent {m.sent_rps:.0f}/s of {m.offered_rps:.0f}/s offered; "
                 "the load generator, not the server, limited the rate"
             )
+        for status, message in m.error_examples.items():
+            print(f"{m.mode}: first {status}: {message}")
         if m.drain_complete is False:
             print(f"WARNING: {m.mode}: the server was still busy {m.drained_s:.0f} s after")
     print(f"\nwrote {out_path} ({result['wall_s']:.0f} s)")

@@ -15,7 +15,8 @@ from sluice import __version__, datatypes
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sluice.runtime import RuntimeOptions
+    from sluice.monitoring.cost import CostModel
+    from sluice.runtime import RuntimeOptions, available_cores
     from sluice.server.app import EXAMPLES, ServerOptions, run
 
     repo = Path(args.model_repository) if args.model_repository else EXAMPLES
@@ -32,6 +33,12 @@ def _serve(args: argparse.Namespace) -> int:
         runtime=RuntimeOptions(
             provider_fallback=args.execution_provider_fallback,
             default_max_batch_size=args.default_max_batch_size,
+        ),
+        cost=CostModel(
+            usd_per_hour=args.cost_per_hour,
+            usd_per_gpu_hour=args.cost_per_gpu_hour,
+            gpus=args.gpus,
+            cores=available_cores(),
         ),
     )
     run(options)
@@ -150,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="when a requested GPU provider is not active: fail the load, or serve "
         "on the CPU flagged as degraded",
     )
+    serve.add_argument(
+        "--cost-per-hour",
+        type=float,
+        default=0.0,
+        metavar="USD",
+        help="the machine's price per hour, for sluice_inference_cost_usd_total",
+    )
+    serve.add_argument(
+        "--cost-per-gpu-hour",
+        type=float,
+        default=0.0,
+        metavar="USD",
+        help="added per GPU (see --gpus)",
+    )
+    serve.add_argument("--gpus", type=int, default=0, help="GPUs priced by --cost-per-gpu-hour")
     serve.set_defaults(func=_serve)
 
     infer = sub.add_parser("infer", help="send one inference request and print the outputs")

@@ -8,6 +8,7 @@ execution happens on the version's worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,6 +86,7 @@ class DataPlane:
         mv = self.models.resolve(request.model_name, request.model_version)
         submitted = _core.monotonic_ns()
         received = request.received_ns or submitted
+        mv.stats.inflight += 1
         try:
             feeds, rows = self._validate_inputs(mv, request)
             output_names = self._output_names(mv, request)
@@ -98,9 +100,11 @@ class DataPlane:
                 timeout_ns=_int_param(request, "timeout") * 1_000,  # Triton sends microseconds
                 deadline_ns=request.deadline_ns,
             )
-        except SluiceError:
-            mv.stats.record_failure(_core.monotonic_ns() - received)
+        except (SluiceError, asyncio.CancelledError) as exc:
+            mv.stats.record_failure(_core.monotonic_ns() - received, exc)
             raise
+        finally:
+            mv.stats.inflight -= 1
         outputs = [
             InferOutput(name, datatypes.from_numpy(arr.dtype).wire, tuple(arr.shape), arr)
             for name in output_names
@@ -118,13 +122,15 @@ class DataPlane:
         )
         return InferResponse(mv.name, str(mv.version), request.id, outputs)
 
-    def record_rejected(self, model_name: str, model_version: str, received_ns: int) -> None:
-        """Counts a request that failed before it ran (bad input) against its version."""
+    def record_rejected(
+        self, model_name: str, model_version: str, received_ns: int, error: BaseException
+    ) -> None:
+        """Counts a request that failed before reaching the data plane (undecodable)."""
         try:
             mv = self.models.resolve(model_name, model_version)
-        except Exception:
+        except SluiceError:
             return
-        mv.stats.record_failure(_core.monotonic_ns() - received_ns)
+        mv.stats.record_failure(_core.monotonic_ns() - received_ns, error)
 
     # ---- validation ------------------------------------------------------------
 

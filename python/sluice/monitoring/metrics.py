@@ -1,77 +1,212 @@
-"""Prometheus metrics on a sluice-owned registry (never the global one).
+"""Prometheus metrics on a sluice-owned registry (never the global one). Every
+metric is defined here, once.
 
-Per-version counters are read from InferStats at scrape time by a collector,
-so the request path pays nothing for them.
+Per-version numbers live in InferStats (updated on the event loop, no locks);
+the collector turns them into metric families at scrape time, so the request
+path pays nothing for Prometheus.
+
+Names: Triton's (`nv_inference_*`, `nv_model_load_duration_secs`, `nv_cpu_*`,
+`nv_gpu_*`) so existing dashboards work, plus `sluice_*` histograms per phase,
+batch sizes, in-flight requests, rejections by reason, model state and cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Info
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import psutil
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from sluice.monitoring.stats import InferStats
+from sluice.monitoring.cost import CostModel
+from sluice.monitoring.stats import PHASES, InferStats
 
-# (model, version, state, queued requests, stats); state is the lifecycle name.
-VersionView = tuple[str, str, str, int, InferStats]
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionView:
+    model: str
+    version: str
+    state: str  # lifecycle state name, e.g. "READY"
+    queued: int  # requests waiting in the scheduler queue
+    load_seconds: float
+    stats: InferStats
+
+
+_US = 1_000
 
 
 class InferenceCollector(Collector):
-    def __init__(self, versions: Callable[[], Iterable[VersionView]]) -> None:
+    def __init__(self, versions: Callable[[], Iterable[VersionView]], cost: CostModel) -> None:
         self._versions = versions
+        self._cost = cost
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["model", "version"]
+        lv = ["model", "version"]
         success = CounterMetricFamily(
-            "nv_inference_request_success", "Successful inference requests", labels=labels
+            "nv_inference_request_success", "Successful inference requests", labels=lv
         )
         failure = CounterMetricFamily(
-            "nv_inference_request_failure", "Failed inference requests", labels=labels
+            "nv_inference_request_failure",
+            "Failed inference requests by Triton's reason (REJECTED, CANCELED, BACKEND, OTHER)",
+            labels=[*lv, "reason"],
         )
         count = CounterMetricFamily(
-            "nv_inference_count", "Inferences performed (a batch of n counts n)", labels=labels
+            "nv_inference_count", "Inferences performed (a batch of n counts n)", labels=lv
         )
         exec_count = CounterMetricFamily(
-            "nv_inference_exec_count", "Model executions (batches run)", labels=labels
+            "nv_inference_exec_count", "Model executions (batches run)", labels=lv
         )
         durations = {
-            name: CounterMetricFamily(
-                f"nv_inference_{name}_duration_us", f"Cumulative {name} time in us", labels=labels
+            phase: CounterMetricFamily(
+                f"nv_inference_{phase}_duration_us",
+                f"Cumulative {phase.replace('_', ' ')} time of successful requests, in us",
+                labels=lv,
             )
-            for name in ("request", "queue", "compute_input", "compute_infer", "compute_output")
+            for phase in PHASES
         }
         pending = GaugeMetricFamily(
-            "nv_inference_pending_request_count",
-            "Requests waiting in the scheduler queue",
-            labels=labels,
+            "nv_inference_pending_request_count", "Requests waiting in the queue", labels=lv
+        )
+        load = GaugeMetricFamily(
+            "nv_model_load_duration_secs", "Seconds the version took to load and warm up", labels=lv
+        )
+        phase_hist = HistogramMetricFamily(
+            "sluice_request_duration_seconds",
+            "Latency of successful requests by phase (request = received to answered)",
+            labels=[*lv, "phase"],
+        )
+        batch_hist = HistogramMetricFamily(
+            "sluice_batch_size", "Rows per model execution", labels=lv
+        )
+        inflight = GaugeMetricFamily(
+            "sluice_inflight_requests", "Requests accepted and not yet answered", labels=lv
+        )
+        rejected = CounterMetricFamily(
+            "sluice_rejected_requests",
+            "Requests that failed, by reason (queue_full, slo, timeout, deadline, cancelled, "
+            "model_error, invalid_argument, unavailable)",
+            labels=[*lv, "reason"],
         )
         state = GaugeMetricFamily(
-            "sluice_model_state",
-            "1 for the lifecycle state each model version is in",
-            labels=[*labels, "state"],
+            "sluice_model_state", "1 for the lifecycle state of each version", labels=[*lv, "state"]
         )
-        for model, version, state_name, queued, s in self._versions():
-            lv = [model, version]
-            success.add_metric(lv, s.success.count)
-            failure.add_metric(lv, s.fail.count)
-            count.add_metric(lv, s.inference_count)
-            exec_count.add_metric(lv, s.execution_count)
-            durations["request"].add_metric(lv, (s.success.ns + s.fail.ns) // 1000)
-            durations["queue"].add_metric(lv, s.queue.ns // 1000)
-            durations["compute_input"].add_metric(lv, s.compute_input.ns // 1000)
-            durations["compute_infer"].add_metric(lv, s.compute_infer.ns // 1000)
-            durations["compute_output"].add_metric(lv, s.compute_output.ns // 1000)
-            pending.add_metric(lv, queued)
-            state.add_metric([*lv, state_name], 1)
-        yield from (success, failure, count, exec_count, *durations.values(), pending, state)
+        cost = CounterMetricFamily(
+            "sluice_inference_cost_usd",
+            "Machine cost attributed to the version by the CPU time its executions used",
+            labels=lv,
+        )
+        cost_1k = GaugeMetricFamily(
+            "sluice_cost_per_1000_inferences_usd",
+            "Attributed cost per 1000 inferences since start",
+            labels=lv,
+        )
+        for v in self._versions():
+            key = [v.model, v.version]
+            s = v.stats
+            success.add_metric(key, s.success.count)
+            for reason, n in s.failures.items():
+                failure.add_metric([*key, reason], n)
+            count.add_metric(key, s.inference_count)
+            exec_count.add_metric(key, s.execution_count)
+            durations["request"].add_metric(key, s.success.ns // _US)
+            durations["queue"].add_metric(key, s.queue.ns // _US)
+            durations["compute_input"].add_metric(key, s.compute_input.ns // _US)
+            durations["compute_infer"].add_metric(key, s.compute_infer.ns // _US)
+            durations["compute_output"].add_metric(key, s.compute_output.ns // _US)
+            pending.add_metric(key, v.queued)
+            load.add_metric(key, v.load_seconds)
+            for phase in PHASES:
+                h = s.phases[phase]
+                phase_hist.add_metric([*key, phase], h.cumulative(), h.sum)
+            batch_hist.add_metric(key, s.batch_sizes.cumulative(), s.batch_sizes.sum)
+            inflight.add_metric(key, s.inflight)
+            for reason, n in sorted(s.rejections.items()):
+                rejected.add_metric([*key, reason], n)
+            state.add_metric([*key, v.state], 1)
+            usd = self._cost.usd(s.core_ns)
+            cost.add_metric(key, usd)
+            if s.inference_count:
+                cost_1k.add_metric(key, 1000 * usd / s.inference_count)
+        yield from (success, failure, count, exec_count, *durations.values(), pending, load)
+        yield from (phase_hist, batch_hist, inflight, rejected, state, cost, cost_1k)
+
+
+class HostCollector(Collector):
+    """Triton's host gauges: CPU utilisation and memory; NVML GPU gauges when present."""
+
+    def __init__(self) -> None:
+        psutil.cpu_percent(interval=None)  # primes the first interval
+        self._nvml: Any = _init_nvml()
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = GaugeMetricFamily("nv_cpu_utilization", "CPU utilisation since the last scrape, 0..1")
+        cpu.add_metric([], psutil.cpu_percent(interval=None) / 100.0)
+        mem = psutil.virtual_memory()
+        total = GaugeMetricFamily("nv_cpu_memory_total_bytes", "Host memory, bytes")
+        total.add_metric([], mem.total)
+        used = GaugeMetricFamily("nv_cpu_memory_used_bytes", "Host memory in use, bytes")
+        used.add_metric([], mem.total - mem.available)
+        yield from (cpu, total, used)
+        if self._nvml is not None:
+            yield from _gpu_metrics(self._nvml)
+
+
+def _init_nvml() -> Any:
+    """pynvml (nvidia-ml-py) if installed and a driver answers; else None."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+    except Exception:  # no package, no driver, no GPU: GPU gauges are simply absent
+        return None
+    return pynvml
+
+
+def _gpu_metrics(nvml: Any) -> Iterator[Metric]:
+    lg = ["gpu_uuid"]
+    util = GaugeMetricFamily("nv_gpu_utilization", "GPU utilisation, 0..1", labels=lg)
+    total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU memory, bytes", labels=lg)
+    used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU memory in use, bytes", labels=lg)
+    power = GaugeMetricFamily("nv_gpu_power_usage", "GPU power draw, watts", labels=lg)
+    try:
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = nvml.nvmlDeviceGetUUID(h)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+            util.add_metric([uuid], nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
+            m = nvml.nvmlDeviceGetMemoryInfo(h)
+            total.add_metric([uuid], m.total)
+            used.add_metric([uuid], m.used)
+            power.add_metric([uuid], nvml.nvmlDeviceGetPowerUsage(h) / 1000.0)
+    except Exception as exc:  # a GPU that stops answering must not break /metrics
+        log.warning("NVML query failed: %s", exc)
+    yield from (util, total, used, power)
 
 
 def build_registry(
-    versions: Callable[[], Iterable[VersionView]], version: str
+    versions: Callable[[], Iterable[VersionView]], version: str, cost: CostModel
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    Info("sluice_build", "sluice build information", registry=registry).info({"version": version})
-    registry.register(InferenceCollector(versions))
+    info = InfoMetricFamily("sluice_build", "sluice build information")
+    info.add_metric([], {"version": version})
+
+    class _Build(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield info
+
+    registry.register(_Build())
+    registry.register(InferenceCollector(versions, cost))
+    registry.register(HostCollector())
     return registry

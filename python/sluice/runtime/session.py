@@ -145,6 +145,8 @@ class ModelRuntime:
         self.providers = providers  # active providers, as onnxruntime reports them
         self.degraded_reason = degraded_reason
         self.instance_count = len(sessions)
+        # Threads one run may use: what cost attribution charges per second of compute.
+        self.intra_op_threads = max(1, sessions[0].get_session_options().intra_op_num_threads)
         self._free: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for s in sessions:
             self._free.put(s)

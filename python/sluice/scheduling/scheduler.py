@@ -164,6 +164,7 @@ class Scheduler:
                 compute_input_ns=o.infer_start_ns - o.compute_start_ns,
                 compute_infer_ns=o.infer_end_ns - o.infer_start_ns,
                 compute_output_ns=done_ns - o.infer_end_ns,
+                threads=self._runtime.intra_op_threads,
             )
         for i, (ticket_id, ticket) in enumerate(zip(batch.ids, o.tickets, strict=True)):
             self._tickets.pop(ticket_id, None)

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 import sluice
 from sluice.dataplane import DataPlane
+from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
@@ -42,6 +43,7 @@ class ServerOptions:
     # make the server hold. Larger messages get RESOURCE_EXHAUSTED.
     max_message_bytes: int = 256 * 1024 * 1024
     runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
+    cost: CostModel = dataclasses.field(default_factory=CostModel)
 
 
 class SluiceServer:
@@ -69,7 +71,7 @@ class SluiceServer:
         self.grpc_port = self._grpc.add_insecure_port(address)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
-        registry = build_registry(self._version_views, sluice.__version__)
+        registry = build_registry(self._version_views, sluice.__version__, options.cost)
         self._http = HttpEndpoint(options.host, options.http_port, registry, self.is_ready)
         self.http_port = self._http.port
 
@@ -80,7 +82,9 @@ class SluiceServer:
         for m in list(self.models.models.values()):
             for v in list(m.versions.values()):
                 queued = v.scheduler.queued_requests if v.scheduler is not None else 0
-                yield m.name, str(v.version), v.state.value, queued, v.stats
+                yield VersionView(
+                    m.name, str(v.version), v.state.value, queued, v.load_seconds, v.stats
+                )
 
     async def _set_health(self) -> None:
         overall = (

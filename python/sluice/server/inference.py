@@ -177,9 +177,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         received_ns = _core.monotonic_ns()
         try:
             request = codec.decode_request(msg, received_ns)
-        except (SluiceError, _core.StatusError):
+        except (SluiceError, _core.StatusError) as exc:
             # Undecodable input never reaches the data plane; count it here.
-            self._dataplane.record_rejected(msg.model_name, msg.model_version, received_ns)
+            self._dataplane.record_rejected(msg.model_name, msg.model_version, received_ns, exc)
             raise
         if time_remaining_s is not None:
             request.deadline_ns = max(1, int(time_remaining_s * 1e9))
