@@ -40,13 +40,16 @@
 //     and grows meanwhile. When max_queue_delay_ns > 0 the batch also runs once
 //     the delay elapses (the configured delay caps the wait). Unbatched, Full,
 //     Blocked, PreferredReached and Stopping still run at once.
-//   Admission (Enqueue, when Ready). The new request of r rows waits behind the
-//     queued rows: B = ceil((queued_rows + r) / max_batch_size) batches, its own
-//     included, shared by instance_count workers: W = ceil(B / instance_count)
-//     rounds. Predicted latency = W * t(max) + t(max) / 2, the half for the
-//     batch already in flight on average. Above slo_target_ns the request is
-//     refused with kResourceExhausted: fail fast rather than miss in the queue.
-//     Priority is ignored here (a conservative estimate for high levels).
+//   Admission (Enqueue, when Ready and the queue is not empty: an empty queue
+//     always admits, which also keeps the model learning). The new request of r
+//     rows waits behind the queued rows: B = ceil((queued_rows + r) /
+//     max_batch_size) batches, its own included, shared by instance_count
+//     workers: W = ceil(B / instance_count) rounds. Predicted latency =
+//     (W - 1) * t(max) + t(rows of the last batch) + t(max) / 2, the half for
+//     the batch in flight on average (a non-empty queue means busy instances).
+//     Above slo_target_ns the request is refused with kResourceExhausted: fail
+//     fast rather than miss in the queue. Priority is ignored here (a
+//     conservative estimate for high levels).
 //   Model. t(n) = a + b*n by weighted least squares, each sample's weight
 //     multiplied by kForget per later sample, so the fit follows drift within
 //     about 1 / (1 - kForget) = 50 batches. With one distinct batch size (row
@@ -54,8 +57,9 @@
 //     below the mean observed size and proportional above it, pessimistic both
 //     ways. A negative slope (noise) fits as the constant mean. The spread is an
 //     EWMA of |residual| of each sample against the fit before it (a plain mean
-//     over the first 1 / (1 - kForget) samples). PredictNs(n) = max(0, fit(n) +
-//     kSpread * spread).
+//     over the first 1 / (1 - kForget) samples). Once Ready, a sample counts at
+//     most kClip times the fit, so one stall cannot inflate the model for 50
+//     batches. PredictNs(n) = max(0, fit(n) + kSpread * spread).
 #include "sluice/batcher.h"
 
 #include <algorithm>
@@ -147,9 +151,14 @@ void ResetBatch(Batch* batch) {
 void ExecTimeModel::Observe(int32_t rows, int64_t exec_ns) {
   if (rows < 1 || exec_ns < 0) return;
   const double x = static_cast<double>(rows);
-  const double y = static_cast<double>(exec_ns);
+  double y = static_cast<double>(exec_ns);
   if (samples_ > 0) {
-    const double residual_ns = std::abs(y - FitNs(x));
+    const double fit = FitNs(x);
+    // One stall (a page fault storm, a first run at a new shape, a noisy
+    // neighbour) must not poison the model for the next 50 batches: once the
+    // fit is Ready, a sample counts at most kClip times the fit.
+    if (Ready() && fit > 0) y = std::min(y, kClip * fit);
+    const double residual_ns = std::abs(y - fit);
     const double alpha = std::max(1.0 - kForget, 1.0 / static_cast<double>(samples_));
     spread_ns_ += alpha * (residual_ns - spread_ns_);
   }
@@ -287,11 +296,21 @@ Status Batcher::Enqueue(const EnqueueArgs& args) {
 }
 
 Status Batcher::AdmitSloLocked(int32_t rows) const {
-  const int64_t batches = CeilDiv(queued_rows_ + rows, max_batch_size_);
+  // An empty queue admits: the request runs as soon as an instance is free, so
+  // refusing it cannot help it, and admitted batches keep the model learning
+  // (a model that only refused would never correct a pessimistic estimate).
+  if (queued_rows_ == 0) return Status::Ok();
+  const int64_t total_rows = queued_rows_ + rows;
+  const int64_t batches = CeilDiv(total_rows, max_batch_size_);
   const int64_t rounds = CeilDiv(batches, std::max<int32_t>(1, options_.instance_count));
   const int64_t full_batch_ns = exec_model_.PredictNs(max_batch_size_);
-  const int64_t predicted_ns =
-      SaturatingAdd(SaturatingMul(rounds, full_batch_ns), full_batch_ns / 2);
+  // Rows already queued mean the instances are busy: on average half a batch
+  // is left of the one in flight, then the rounds ahead, the last possibly partial.
+  const int64_t last_rows = total_rows - (batches - 1) * max_batch_size_;
+  const int64_t last_ns =
+      exec_model_.PredictNs(static_cast<int32_t>(std::min<int64_t>(last_rows, max_batch_size_)));
+  const int64_t predicted_ns = SaturatingAdd(
+      SaturatingAdd(SaturatingMul(rounds - 1, full_batch_ns), last_ns), full_batch_ns / 2);
   if (predicted_ns <= options_.slo_target_ns) return Status::Ok();
   // where_ already holds the new request.
   return Status(StatusCode::kResourceExhausted,

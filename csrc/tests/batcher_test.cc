@@ -772,6 +772,23 @@ TEST(BatcherSloTest, AdmissionRejectsWhenPredictedOverTarget) {
   EXPECT_TRUE(batcher.Enqueue(Req(16)).ok());  // under the target again
 }
 
+TEST(BatcherSloTest, EmptyQueueAlwaysAdmitsSoTheModelKeepsLearning) {
+  ManualClock clock;
+  BatcherOptions options = Opts(8);
+  options.slo_target_ns = 10 * kMs;
+  Batcher batcher(options, clock);
+  for (int i = 0; i < 5; ++i) batcher.RecordExecution(8, 100 * kMs);  // hopeless estimate
+  ASSERT_TRUE(batcher.Enqueue(Req(1)).ok());  // nothing to wait behind: admitted
+  EXPECT_EQ(batcher.Enqueue(Req(2)).code(), StatusCode::kResourceExhausted);
+}
+
+TEST(ExecTimeModelTest, OneStallDoesNotPoisonTheModel) {
+  ExecTimeModel model;
+  for (int i = 0; i < 20; ++i) model.Observe(4, kMs);
+  model.Observe(4, 500 * kMs);  // counted as at most kClip x the fit
+  EXPECT_LT(model.PredictNs(4), 2 * kMs);
+}
+
 TEST(BatcherSloTest, AdmissionSharesTheQueueAmongInstances) {
   ManualClock clock;
   Batcher batcher(SloOpts(2), clock);

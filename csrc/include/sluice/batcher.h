@@ -98,6 +98,7 @@ class ExecTimeModel {
  private:
   static constexpr double kForget = 0.98;
   static constexpr double kSpread = 3.0;
+  static constexpr double kClip = 4.0;  // a sample counts at most this times the fit
   // The fitted t(rows) without the spread (batcher.cc documents the fallbacks).
   double FitNs(double rows) const;
   double sw_ = 0, sx_ = 0, sy_ = 0, sxx_ = 0, sxy_ = 0;
