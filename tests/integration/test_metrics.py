@@ -30,7 +30,9 @@ def _scrape(server: ServerProcess) -> Samples:
 
 def _get(samples: Samples, name: str, **labels: str) -> float:
     want = {"model": MODEL, "version": "1", **labels}
-    matches = [v for (n, ls), v in samples.items() if n == name and want.items() <= dict(ls).items()]
+    matches = [
+        v for (n, ls), v in samples.items() if n == name and want.items() <= dict(ls).items()
+    ]
     assert len(matches) == 1, f"{name}{labels}: {len(matches)} samples"
     return matches[0]
 
