@@ -39,6 +39,7 @@ PHASES = ("queue", "compute_input", "compute_infer", "compute_output")
 _NS_PER_S = 1_000_000_000
 _PROGRESS_REFRESH_S = 0.25
 _METRICS_TIMEOUT_S = 5.0
+_CONTROL_TIMEOUT_S = 10.0  # metadata, config, statistics: --timeout is for inferences
 _STRING_ALPHABET = np.array(list(string.ascii_lowercase))
 
 
@@ -92,7 +93,6 @@ class BenchOptions:
 class Workload:
     request: pb.ModelInferRequest
     rows: int  # inferences per request: the batch dimension, or 1 for a model without one
-    max_batch_size: int
     shapes: dict[str, list[int]]  # input name -> shape sent
 
 
@@ -173,7 +173,7 @@ def build_workload(
     if max_batch_size > 0 and len(batch_dims) > 1:
         raise BenchError(f"inputs disagree on the batch dimension: {shapes}")
     rows = batch_dims.pop() if max_batch_size > 0 and batch_dims else 1
-    return Workload(request, rows, max_batch_size, shapes)
+    return Workload(request, rows, shapes)
 
 
 # ---- the load -------------------------------------------------------------------
@@ -263,19 +263,31 @@ def _window_stats(load: _ClosedLoop, window_ns: int) -> tuple[float, float, floa
     return len(recent) * _NS_PER_S / span_ns, float(p50), float(p99)
 
 
-async def _show_progress(load: _ClosedLoop, total: int | None, label: str) -> None:
-    # Only on an interactive stderr: progress bars in logs and pipes are noise.
-    bar = tqdm(total=total, desc=label, unit="req", file=sys.stderr, leave=False)
+async def _show_progress(
+    load: _ClosedLoop, label: str, total: int | None, duration_s: float | None
+) -> None:
+    if total is not None:
+        shape = "{l_bar}{bar}| {n_fmt}/{total_fmt} req [{elapsed}<{remaining}{postfix}]"
+    else:
+        shape = "{desc}: {n_fmt} req [{elapsed}" + f" of {duration_s or 0:g} s" + "{postfix}]"
+    bar = tqdm(
+        total=total,
+        desc=label,
+        file=sys.stderr,
+        leave=False,
+        bar_format=shape,
+    )
     try:
         while True:
             await asyncio.sleep(_PROGRESS_REFRESH_S)
-            bar.update(load.result.completed - bar.n)
             rate, p50, p99 = _window_stats(load, _NS_PER_S)
             errors = sum(load.result.errors.values())
             bar.set_postfix_str(
-                f"{rate:,.0f} infer/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms (last 1 s)"
-                + (f", {errors} errors" if errors else "")
+                f"last 1 s: {rate:,.0f} infer/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+                + (f"; {errors} errors" if errors else ""),
+                refresh=False,
             )
+            bar.update(load.result.completed - bar.n)
     finally:
         bar.close()
 
@@ -299,7 +311,7 @@ async def _run_load(
     progress = None
     if show_progress:
         label = f"{options.model} x{options.concurrency}"
-        progress = asyncio.create_task(_show_progress(load, requests, label))
+        progress = asyncio.create_task(_show_progress(load, label, requests, duration_s))
     try:
         return await load.run(min(options.concurrency, requests or options.concurrency))
     finally:
@@ -431,9 +443,9 @@ class BenchReport:
     load: LoadResult  # raw samples, for plots
 
 
-async def _call(stub: Any, method: str, request: Any, timeout_s: float, what: str) -> Any:
+async def _call(stub: Any, method: str, request: Any, what: str) -> Any:
     try:
-        return await getattr(stub, method)(request, timeout=timeout_s)
+        return await getattr(stub, method)(request, timeout=_CONTROL_TIMEOUT_S)
     except grpc.aio.AioRpcError as exc:
         raise BenchError(f"{what}: {exc.code().name}: {exc.details() or ''}") from None
 
@@ -459,14 +471,12 @@ async def run_async(options: BenchOptions) -> BenchReport:
             stub,
             "ModelMetadata",
             pb.ModelMetadataRequest(name=options.model, version=options.version),
-            options.timeout_s,
             where,
         )
         config = await _call(
             stub,
             "ModelConfig",
             pb.ModelConfigRequest(name=options.model, version=options.version),
-            options.timeout_s,
             where,
         )
         workload = build_workload(meta, config.config.max_batch_size, options)
@@ -479,10 +489,10 @@ async def run_async(options: BenchOptions) -> BenchReport:
                 raise BenchError(f"every warmup request failed: {code}: {details}")
 
         stats_request = pb.ModelStatisticsRequest(name=options.model, version=options.version)
-        stats_before = await _call(stub, "ModelStatistics", stats_request, 10.0, "statistics")
+        stats_before = await _call(stub, "ModelStatistics", stats_request, "statistics")
         cost_before = await _try_scrape(metrics_url, options.model, options.version)
         load = await _run_load(stub, workload, options, requests, duration_s, True)
-        stats_after = await _call(stub, "ModelStatistics", stats_request, 10.0, "statistics")
+        stats_after = await _call(stub, "ModelStatistics", stats_request, "statistics")
         cost_after = await _try_scrape(metrics_url, options.model, options.version)
 
     elapsed_s = load.elapsed_ns / _NS_PER_S

@@ -16,6 +16,7 @@ from sluice import __version__, datatypes
 
 def _serve(args: argparse.Namespace) -> int:
     from sluice.monitoring.cost import CostModel
+    from sluice.repository import SwapPolicy
     from sluice.runtime import RuntimeOptions, available_cores
     from sluice.server.app import EXAMPLES, ServerOptions, run
 
@@ -34,6 +35,10 @@ def _serve(args: argparse.Namespace) -> int:
             provider_fallback=args.execution_provider_fallback,
             default_max_batch_size=args.default_max_batch_size,
         ),
+        control_mode=args.model_control_mode,
+        repository_poll_secs=args.repository_poll_secs,
+        load_models=tuple(args.load_model),
+        swap_policy=SwapPolicy(args.swap_policy),
         cost=CostModel(
             usd_per_hour=args.cost_per_hour,
             usd_per_gpu_hour=args.cost_per_gpu_hour,
@@ -211,6 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="when a requested GPU provider is not active: fail the load, or serve "
         "on the CPU flagged as degraded",
+    )
+    serve.add_argument(
+        "--model-control-mode",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="none: load everything at start; poll: also rescan the repository; "
+        "explicit: load/unload through the repository RPCs",
+    )
+    serve.add_argument(
+        "--repository-poll-secs", type=float, default=15.0, help="rescan period in poll mode"
+    )
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="explicit mode: load this model at start ('*' = all); repeatable",
+    )
+    serve.add_argument(
+        "--swap-policy",
+        choices=("availability", "resource"),
+        default="availability",
+        help="availability: load the new version before unloading the old (no gap); "
+        "resource: unload first (never two copies in memory)",
     )
     serve.add_argument(
         "--cost-per-hour",

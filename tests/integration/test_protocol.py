@@ -131,7 +131,12 @@ def test_server_metadata(client: grpcclient.InferenceServerClient) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "sluice"
     assert meta.version == importlib.metadata.version("sluice-serve")
-    assert sorted(meta.extensions) == ["model_configuration", "statistics"]
+    assert sorted(meta.extensions) == [
+        "model_configuration",
+        "model_repository",
+        "schedule_policy",
+        "statistics",
+    ]
 
 
 EXPECTED_METADATA: dict[

@@ -794,9 +794,8 @@ def test_manager_scan_applies_version_policies(tmp_path: pathlib.Path) -> None:
         versions=(1,),
     )
 
-    manager = ModelManager(tmp_path, RuntimeOptions())
-    manager.scan()
-    chosen = {name: sorted(m.versions) for name, m in manager.models.items()}
+    aspired = ModelManager(tmp_path, RuntimeOptions()).scan()
+    chosen = {name: sorted(a.versions) for name, a in aspired.items()}
     assert chosen == {
         "latest": [3],
         "latest2": [2, 3],
@@ -805,8 +804,8 @@ def test_manager_scan_applies_version_policies(tmp_path: pathlib.Path) -> None:
         "junk_only": [],
         "specific_missing": [],
     }
-    assert "no version" in manager.models["junk_only"].reason
-    assert "no version" in manager.models["specific_missing"].reason
+    assert "no version" in aspired["junk_only"].reason
+    assert "no version" in aspired["specific_missing"].reason
 
 
 # ---- execution providers -------------------------------------------------------------

@@ -2,6 +2,7 @@
 the per-version lifecycle, loading and resolving versions for requests."""
 
 from sluice.repository.lifecycle import VersionState
-from sluice.repository.manager import ModelManager, ModelVersion
+from sluice.repository.manager import IndexEntry, ModelManager, ModelVersion
+from sluice.repository.swap_policy import SwapPolicy
 
-__all__ = ["ModelManager", "ModelVersion", "VersionState"]
+__all__ = ["IndexEntry", "ModelManager", "ModelVersion", "SwapPolicy", "VersionState"]

@@ -10,14 +10,16 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sluice import config as cfg
 from sluice.errors import ModelLoadError, NotFoundError, UnavailableError
 from sluice.monitoring import InferStats
 from sluice.proto import model_config_pb2 as mc
+from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
-from sluice.repository.policy import select_versions, version_dirs
+from sluice.repository.swap_policy import SwapPolicy, order
 from sluice.runtime import ModelRuntime, RuntimeOptions, load_runtime
 from sluice.runtime.warmup import warm_up
 from sluice.scheduling import Scheduler
@@ -37,6 +39,7 @@ class ModelVersion:
     scheduler: Scheduler | None = None
     load_seconds: float = 0.0
     stats: InferStats = dataclasses.field(default_factory=InferStats)
+    fingerprint: str = ""  # of the config and model file it was loaded from
 
     def transition(self, new: VersionState, reason: str = "") -> None:
         check_transition(self.state, new)
@@ -54,7 +57,8 @@ class Model:
     directory: Path
     versions: dict[int, ModelVersion] = dataclasses.field(default_factory=dict)
     config: mc.ModelConfig = dataclasses.field(default_factory=mc.ModelConfig)
-    reason: str = ""  # why the model as a whole cannot load (config errors)
+    reason: str = ""  # why the model as a whole cannot load (config errors), or "unloaded"
+    failed_reloads: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.ready]
@@ -70,70 +74,196 @@ class Model:
         return "no version is ready"
 
 
+@dataclasses.dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
 class ModelManager:
-    def __init__(self, repository: Path, options: RuntimeOptions) -> None:
+    """Holds the live versions of every model and moves them toward what the
+    repository (or an explicit load) asks for.
+
+    Swaps are invisible to clients: a new version is routable only once it is
+    loaded and warmed up (READY); the version it replaces then leaves routing
+    (DRAINING), finishes what it had queued, and is released (UNLOADED). A
+    version that fails to load never replaces one that serves.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        options: RuntimeOptions,
+        *,
+        swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.repository = repository
         self.options = options
+        self.swap_policy = swap_policy
         self.models: dict[str, Model] = {}
+        self._on_change = on_change
+        self._lock = asyncio.Lock()  # one reconciliation at a time
+        self._load_gate = asyncio.Semaphore(2)
 
-    # ---- loading -------------------------------------------------------------
+    # ---- desired state -------------------------------------------------------
 
-    def scan(self) -> None:
-        """Reads every model folder's config and version list. Never raises for
-        one model: a broken model records its reason and the rest go on."""
+    def scan(self) -> dict[str, AspiredModel]:
+        """What the repository asks for, model by model."""
         if not self.repository.is_dir():
             raise NotFoundError(f"model repository {self.repository} is not a directory")
-        for model_dir in sorted(p for p in self.repository.iterdir() if p.is_dir()):
-            if model_dir.name.startswith("."):
-                continue
-            model = Model(model_dir.name, model_dir)
-            self.models[model.name] = model
-            try:
-                model.config, _ = cfg.read_config_file(model_dir)
-                cfg.validate_static(model.config, model.name)
-                available = version_dirs(model_dir)
-                chosen = select_versions(available, model.config.version_policy)
-                policy = model.config.version_policy
-                if policy.WhichOneof("policy_choice") == "specific":
-                    absent = sorted(set(policy.specific.versions) - set(available))
-                    if absent:
-                        log.warning(
-                            "model '%s': version policy names version(s) %s, which have no folder",
-                            model.name,
-                            absent,
-                        )
-                if not chosen:
-                    raise ModelLoadError(
-                        f"model '{model.name}' has no version folder that its version policy "
-                        f"selects (found: {available or 'none'})"
+        return {n: read_aspired(self.repository, n) for n in model_names(self.repository)}
+
+    async def sync(self, names: list[str] | None = None, *, unload_missing: bool = True) -> None:
+        """Reconciles the named models (every model folder when None) with the
+        repository. With unload_missing, live models whose folder is gone unload."""
+        async with self._lock:
+            aspired = self.scan()
+            if names is not None:
+                unknown = [n for n in names if n not in aspired]
+                if unknown:
+                    raise NotFoundError(
+                        f"no model folder for {', '.join(repr(n) for n in unknown)} in "
+                        f"{self.repository}"
                     )
-            except ModelLoadError as exc:
-                model.reason = exc.message
-                log.error("model '%s' is unavailable: %s", model.name, exc.message)
+                aspired = {n: aspired[n] for n in names}
+            await asyncio.gather(*(self._reconcile(a) for a in aspired.values()))
+            if unload_missing and names is None:
+                for name in [n for n in self.models if n not in aspired]:
+                    await self._unload_model(self.models[name], "removed from the repository")
+        await self._changed()
+
+    async def load(self, name: str, override: mc.ModelConfig | None = None) -> None:
+        """Explicit load (or reload) of one model, optionally with a config override.
+        Raises UnavailableError with the reason when no version of it is ready after."""
+        if not (self.repository / name).is_dir():
+            raise NotFoundError(f"no model folder '{name}' in {self.repository}")
+        async with self._lock:
+            await self._reconcile(read_aspired(self.repository, name, override), retry_failed=True)
+        await self._changed()
+        model = self.models[name]
+        if not model.ready_versions():
+            raise UnavailableError(f"failed to load '{name}': {model.unavailable_reason()}")
+
+    async def unload(self, name: str) -> None:
+        """Explicit unload: every version drains and is released."""
+        async with self._lock:
+            model = self.models.get(name)
+            if model is None:
+                if not (self.repository / name).is_dir():
+                    raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+                return
+            await self._unload_model(model, "unloaded")
+        await self._changed()
+
+    async def unload_all(self) -> None:
+        """Takes every version out of routing, drains it and releases it."""
+        async with self._lock:
+            for model in list(self.models.values()):
+                await self._unload_model(model, "server stopped")
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
+
+    # ---- reconciliation ------------------------------------------------------
+
+    async def _reconcile(self, aspired: AspiredModel, retry_failed: bool = False) -> None:
+        model = self.models.setdefault(aspired.name, Model(aspired.name, aspired.directory))
+        model.directory = aspired.directory
+        if aspired.reason:
+            model.reason = aspired.reason
+            serving = model.ready_versions()
+            if serving:
+                log.error(
+                    "model '%s': %s; version(s) %s keep serving",
+                    model.name,
+                    aspired.reason,
+                    ", ".join(str(v.version) for v in serving),
+                )
+            else:
+                log.error("model '%s' is unavailable: %s", model.name, aspired.reason)
+            return
+        model.reason = ""
+        model.config = aspired.config
+        live = model.versions
+        # A version (re)loads when it is new or its config or file changed; a
+        # failed load is retried when its files change, or on an explicit load.
+        to_load = [
+            v
+            for v, fp in aspired.versions.items()
+            if v not in live or live[v].fingerprint != fp or (retry_failed and not live[v].ready)
+        ]
+        to_unload = [v for v in live if v not in aspired.versions]
+        for step, v in order(self.swap_policy, to_load, to_unload):
+            if step == "load":
+                await self._load_and_swap(model, v, aspired)
                 continue
-            for v in chosen:
-                version_config = mc.ModelConfig()
-                version_config.CopyFrom(model.config)
-                model.versions[v] = ModelVersion(model.name, v, version_config)
+            keeps_service = any(live[a].ready for a in aspired.versions if a in live)
+            if self.swap_policy is SwapPolicy.AVAILABILITY and live[v].ready and not keeps_service:
+                # Availability first: never unload the last serving version for
+                # one that failed to load.
+                log.error(
+                    "model '%s': keeping version %d serving, no version it should give way "
+                    "to is ready",
+                    model.name,
+                    v,
+                )
+                continue
+            await self._retire(live.pop(v), "no longer in the version policy")
 
-    async def load_all(self, parallelism: int = 2) -> None:
-        """Loads every scanned version; failures stay local to their version."""
-        gate = asyncio.Semaphore(parallelism)
+    async def _load_and_swap(self, model: Model, version: int, aspired: AspiredModel) -> None:
+        config = mc.ModelConfig()
+        config.CopyFrom(aspired.config)
+        new = ModelVersion(model.name, version, config, fingerprint=aspired.versions[version])
+        old = model.versions.get(version)
+        if old is not None and self.swap_policy is SwapPolicy.RESOURCE:
+            await self._retire(model.versions.pop(version), "replaced (resource-first)")
+            old = None
         loop = asyncio.get_running_loop()
+        async with self._load_gate:
+            await asyncio.to_thread(self._load_version, model, new, loop)
+        if new.ready or old is None or not old.ready:
+            model.versions[version] = new  # the swap: routing sees `new` from here on
+            if old is not None:
+                await self._retire(old, f"replaced by a new load of version {version}")
+        else:
+            # A failed reload never replaces a serving version.
+            model.failed_reloads[version] = new.reason
+            log.error(
+                "model '%s' version %d: reload failed, the loaded one keeps serving: %s",
+                model.name,
+                version,
+                new.reason,
+            )
+        if new.ready:
+            model.failed_reloads.pop(version, None)
 
-        async def one(model: Model, mv: ModelVersion) -> None:
-            async with gate:
-                await asyncio.to_thread(self._load_version, model, mv, loop)
+    async def _retire(self, mv: ModelVersion, why: str) -> None:
+        """Out of routing first, then drain what it accepted, then release."""
+        if mv.state is VersionState.READY:
+            mv.transition(VersionState.DRAINING, why)
+        if mv.scheduler is not None:
+            await mv.scheduler.stop()
+            mv.scheduler = None
+        if mv.state in (VersionState.DRAINING, VersionState.FAILED):
+            mv.transition(VersionState.UNLOADED, why)
+        mv.runtime = None
+        log.info("model '%s' version %d unloaded (%s)", mv.name, mv.version, why)
 
-        await asyncio.gather(
-            *(one(m, v) for m in self.models.values() for v in m.versions.values())
-        )
+    async def _unload_model(self, model: Model, why: str) -> None:
+        for v in sorted(model.versions):
+            await self._retire(model.versions.pop(v), why)
+        model.failed_reloads.clear()
+        model.reason = why
 
     def _load_version(
         self, model: Model, mv: ModelVersion, loop: asyncio.AbstractEventLoop
     ) -> None:
         # Runs on a worker thread; mutates only `mv`, which no request sees
-        # until its state becomes READY (set last).
+        # until it is swapped into the model's versions on the loop.
         started = time.monotonic()
         try:
             path = cfg.model_file(model.directory, mv.version, mv.config)
@@ -150,8 +280,7 @@ class ModelManager:
         mv.load_seconds = time.monotonic() - started
         for note in notes:
             log.info("model '%s' version %d: %s", mv.name, mv.version, note)
-        reason = runtime.degraded_reason or ""
-        mv.transition(VersionState.READY, reason)
+        mv.transition(VersionState.READY, runtime.degraded_reason or "")
         log.info(
             "model '%s' version %d ready in %.2fs on %s (max_batch_size %d, %d instance(s))",
             mv.name,
@@ -162,18 +291,26 @@ class ModelManager:
             runtime.instance_count,
         )
 
-    async def unload_all(self) -> None:
-        """Takes every version out of routing, drains its queue, releases it."""
-        for model in self.models.values():
-            for mv in model.versions.values():
-                if mv.state is VersionState.READY:
-                    mv.transition(VersionState.DRAINING)
-                if mv.scheduler is not None:
-                    await mv.scheduler.stop()
-                    mv.scheduler = None
-                if mv.state in (VersionState.DRAINING, VersionState.FAILED):
-                    mv.transition(VersionState.UNLOADED)
-                mv.runtime = None
+    # ---- index -----------------------------------------------------------------
+
+    def index(self) -> list[IndexEntry]:
+        """Every model folder with its versions' states (Triton's RepositoryIndex)."""
+        entries: list[IndexEntry] = []
+        names = set(self.models)
+        if self.repository.is_dir():
+            names |= set(model_names(self.repository))
+        for name in sorted(names):
+            model = self.models.get(name)
+            if model is None or (not model.versions and not model.failed_reloads):
+                reason = model.reason if model is not None else "unloaded"
+                entries.append(IndexEntry(name, "", "UNAVAILABLE", reason))
+                continue
+            for v, mv in sorted(model.versions.items()):
+                reason = mv.reason
+                if v in model.failed_reloads:
+                    reason = f"reload failed, previous load serving: {model.failed_reloads[v]}"
+                entries.append(IndexEntry(name, str(v), mv.state.value, reason))
+        return entries
 
     # ---- resolving -----------------------------------------------------------
 
@@ -206,11 +343,3 @@ class ModelManager:
         if not ready:
             raise UnavailableError(f"model '{name}' is not ready: {model.unavailable_reason()}")
         return ready[-1]
-
-    def all_loaded(self) -> bool:
-        """No version is still loading (the server's readiness after start-up)."""
-        return all(
-            v.state is not VersionState.LOADING
-            for m in self.models.values()
-            for v in m.versions.values()
-        )

@@ -209,9 +209,10 @@ class Scheduler:
             batch, expired = got
             if expired:
                 self._post(self._expire, expired)
-            if batch is None:
-                continue
-            self._post(self._deliver, self._run(batch))
+            if batch is not None:
+                # _run turns every failure into the batch's outcome, so each
+                # batch is answered once and preserve_ordering never stalls.
+                self._post(self._deliver, self._run(batch))
 
     def _run(self, batch: Any) -> _BatchOutcome:
         compute_start = _core.monotonic_ns()

@@ -21,7 +21,7 @@ from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
-from sluice.repository import ModelManager
+from sluice.repository import ModelManager, SwapPolicy
 from sluice.runtime import RuntimeOptions
 from sluice.server.http import HttpEndpoint
 from sluice.server.inference import InferenceServicer
@@ -44,12 +44,24 @@ class ServerOptions:
     max_message_bytes: int = 256 * 1024 * 1024
     runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
     cost: CostModel = dataclasses.field(default_factory=CostModel)
+    # Triton's --model-control-mode: none (load all at start), poll (rescan every
+    # repository_poll_secs), explicit (load/unload RPCs; load_models at start).
+    control_mode: str = "none"
+    repository_poll_secs: float = 15.0
+    load_models: tuple[str, ...] = ()
+    swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY
 
 
 class SluiceServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
-        self.models = ModelManager(options.model_repository, options.runtime)
+        self.models = ModelManager(
+            options.model_repository,
+            options.runtime,
+            swap_policy=options.swap_policy,
+            on_change=self._set_health,
+        )
+        self._poller: asyncio.Task[None] | None = None
         self.dataplane = DataPlane(self.models)
         self._ready = False
         self._health = health.aio.HealthServicer()
@@ -61,7 +73,10 @@ class SluiceServer:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.models, self.dataplane, self.is_ready), self._grpc
+            InferenceServicer(
+                self.models, self.dataplane, self.is_ready, options.control_mode == "explicit"
+            ),
+            self._grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
@@ -115,15 +130,33 @@ class SluiceServer:
             self.options.host,
             self.http_port,
         )
-        self.models.scan()
-        await self.models.load_all()
+        mode = self.options.control_mode
+        if mode == "explicit":
+            wanted = list(self.options.load_models)
+            if wanted:
+                await self.models.sync(None if "*" in wanted else wanted)
+        else:
+            await self.models.sync()
+        if mode == "poll":
+            self._poller = asyncio.create_task(self._poll(), name="sluice-repository-poll")
         self._ready = True
         await self._set_health()
+
+    async def _poll(self) -> None:
+        """Poll mode: rescan on a fixed period; each pass reconciles what changed."""
+        while True:
+            await asyncio.sleep(self.options.repository_poll_secs)
+            try:
+                await self.models.sync()
+            except Exception:  # a bad pass must not end polling
+                log.exception("repository poll failed")
 
     async def stop(self) -> None:
         """Stops in order: not ready; refuse new RPCs; let accepted ones finish
         within the grace period; unload models; close HTTP."""
         self._ready = False
+        if self._poller is not None:
+            self._poller.cancel()
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(self.options.grace_seconds)
         await self.models.unload_all()

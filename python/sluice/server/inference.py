@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import json_format
 
 import sluice
 from sluice import _core, datatypes
 from sluice.dataplane import DataPlane
-from sluice.errors import NotFoundError, SluiceError
+from sluice.errors import InvalidArgumentError, NotFoundError, SluiceError, UnavailableError
 from sluice.monitoring.stats import Duration, InferStats
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
@@ -28,7 +29,7 @@ from sluice.server.errors import as_sluice_error, grpc_status
 log = logging.getLogger(__name__)
 
 # Only what is really implemented; perf_analyzer reads "statistics" from here.
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "model_repository", "statistics", "schedule_policy")
 PLATFORM = "onnxruntime_onnx"
 
 T = TypeVar("T")
@@ -58,6 +59,28 @@ def _tensor_metadata(t: Any, max_batch_size: int) -> pb.ModelMetadataResponse.Te
     shape = ([-1] if max_batch_size > 0 else []) + dims
     wire = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)].wire
     return pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=wire, shape=shape)
+
+
+def _config_override(request: pb.RepositoryModelLoadRequest) -> mc.ModelConfig | None:
+    """Triton's load parameters: "config" holds a JSON ModelConfig that replaces
+    the config file for this load. Model-file overrides ("file:...") are refused."""
+    override = None
+    for key, param in request.parameters.items():
+        if key == "config":
+            override = mc.ModelConfig()
+            try:
+                json_format.Parse(param.string_param, override)
+            except json_format.ParseError as exc:
+                raise InvalidArgumentError(
+                    f"the config override for model '{request.model_name}' is not a valid "
+                    f"JSON ModelConfig: {exc}"
+                ) from None
+        elif key.startswith("file:"):
+            raise InvalidArgumentError(
+                "model file overrides in load parameters are not supported; publish the "
+                "version into the repository instead"
+            )
+    return override
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -91,11 +114,16 @@ def _model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, models: ModelManager, dataplane: DataPlane, is_ready: Callable[[], bool]
+        self,
+        models: ModelManager,
+        dataplane: DataPlane,
+        is_ready: Callable[[], bool],
+        explicit_control: bool = False,
     ) -> None:
         self._models = models
         self._dataplane = dataplane
         self._is_ready = is_ready
+        self._explicit = explicit_control
 
     # ---- health and metadata -------------------------------------------------
 
@@ -168,6 +196,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except SluiceError as exc:
             await _abort(context, exc)
         return pb.ModelStatisticsResponse(model_stats=[_model_statistics(v) for v in versions])
+
+    # ---- repository (Triton's model_repository extension) -----------------------
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        entries = self._models.index()
+        if request.ready:
+            entries = [e for e in entries if e.state == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    def _require_explicit(self) -> None:
+        if not self._explicit:
+            raise UnavailableError(
+                "explicit model load / unload is not allowed unless the server runs with "
+                "--model-control-mode explicit"
+            )
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            self._require_explicit()
+            await self._models.load(request.model_name, _config_override(request))
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            self._require_explicit()
+            await self._models.unload(request.model_name)
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
 
     # ---- inference -----------------------------------------------------------
 
