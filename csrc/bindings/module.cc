@@ -5,11 +5,12 @@
 #include "status_error.h"
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "sluice C++ core: clock, status, tensor wire codecs, dynamic batcher";
+  m.doc() = "sluice C++ core: clock, status, tensor wire codecs, dynamic batcher, drift statistics";
   sluice::bindings::register_status(m);
   sluice::bindings::register_clock(m);
   sluice::bindings::register_bytes_codec(m);
   sluice::bindings::register_batcher(m);
+  sluice::bindings::register_drift(m);
 #ifdef SLUICE_VERSION
   m.attr("__version__") = SLUICE_VERSION;
 #endif

@@ -29,5 +29,6 @@ void register_status(pybind11::module_& m);
 void register_clock(pybind11::module_& m);
 void register_bytes_codec(pybind11::module_& m);
 void register_batcher(pybind11::module_& m);
+void register_drift(pybind11::module_& m);
 
 }  // namespace sluice::bindings

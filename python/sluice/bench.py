@@ -384,7 +384,7 @@ def scrape_cost(url: str, model: str, version: str) -> CostCounters:
 
     with urllib.request.urlopen(url, timeout=_METRICS_TIMEOUT_S) as page:
         text = page.read().decode("utf-8")
-    totals = {"sluice_inference_cost_usd_total": 0.0, "nv_inference_count_total": 0.0}
+    totals = {"sluice_inference_cost_usd_total": 0.0, "nv_inference_count": 0.0}
     seen: set[str] = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -394,9 +394,7 @@ def scrape_cost(url: str, model: str, version: str) -> CostCounters:
     missing = sorted(set(totals) - seen)
     if missing:
         raise LookupError(f"{url} has no {' or '.join(missing)} for model {model!r}")
-    return CostCounters(
-        totals["sluice_inference_cost_usd_total"], totals["nv_inference_count_total"]
-    )
+    return CostCounters(totals["sluice_inference_cost_usd_total"], totals["nv_inference_count"])
 
 
 def cost_delta(before: CostCounters, after: CostCounters) -> dict[str, Any]:

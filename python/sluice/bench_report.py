@@ -26,7 +26,7 @@ def format_table(s: dict[str, Any]) -> str:
     limits += [f"{stop['duration_s']:g} s"] if stop["duration_s"] else []
     lines = [
         f"sluice bench: {s['model']} version {version} at {s['url']}",
-        f"  concurrency {s['concurrency']}, {s['batch_size']} rows per request ({shapes}), "
+        f"  concurrency {s['concurrency']}, batch size {s['batch_size']} ({shapes}), "
         f"stop at {' or '.join(limits)}, warmup {s['warmup']['successes']} ok",
     ]
     if s["interrupted"]:
@@ -116,6 +116,6 @@ def plot(report: BenchReport, path: Path) -> None:
     bottom.set_ylim(bottom=0)
     bottom.grid(alpha=0.3)
     fig.suptitle(
-        f"sluice bench {s['model']}: concurrency {s['concurrency']}, {s['batch_size']} rows/request"
+        f"sluice bench {s['model']}: concurrency {s['concurrency']}, batch size {s['batch_size']}"
     )
     fig.savefig(path, dpi=100)

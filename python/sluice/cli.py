@@ -179,6 +179,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    # Imported here: the registry pulls in onnx and onnxruntime, which the
+    # other commands do not need.
+    from sluice.repository import registry_cli
+
+    result: int = registry_cli.run(args)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description="ONNX inference serving")
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")
@@ -275,6 +284,69 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--url", default="127.0.0.1:8001")
     infer.add_argument("--timeout", type=float, default=30.0)
     infer.set_defaults(func=_infer)
+
+    models = sub.add_parser("models", help="model registry: publish versions, inspect, label")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_repo = argparse.ArgumentParser(add_help=False)
+    models_repo.add_argument(
+        "--model-repository",
+        help="repository folder (list/show/diff default: the bundled examples; "
+        "publish/promote/rollback require it)",
+    )
+    models_publish = models_sub.add_parser(
+        "publish",
+        parents=[models_repo],
+        help="add the next version atomically, with lineage in metadata.json",
+    )
+    models_publish.add_argument("model")
+    models_publish.add_argument("file", metavar="FILE.onnx")
+    models_publish.add_argument("--source", help="where the file came from (default: its name)")
+    for option, meta, text in (
+        ("--param", "KEY=VALUE", "a training parameter"),
+        ("--metric", "KEY=NUMBER", "an evaluation metric"),
+        ("--tag", "KEY=VALUE", "a tag"),
+    ):
+        models_publish.add_argument(
+            option, action="append", default=[], metavar=meta, help=f"{text}; repeatable"
+        )
+    models_list = models_sub.add_parser(
+        "list", parents=[models_repo], help="models, versions, lineage and labels"
+    )
+    models_show = models_sub.add_parser(
+        "show", parents=[models_repo], help="one version's metadata, signature and config"
+    )
+    models_show.add_argument("model")
+    models_show.add_argument("version", type=int, nargs="?", help="default: the latest")
+    models_diff = models_sub.add_parser(
+        "diff", parents=[models_repo], help="signature and lineage changes between versions"
+    )
+    models_diff.add_argument("model")
+    models_diff.add_argument("old", type=int, metavar="V1")
+    models_diff.add_argument("new", type=int, metavar="V2")
+    models_promote = models_sub.add_parser(
+        "promote", parents=[models_repo], help="label a version stable, canary or shadow"
+    )
+    models_promote.add_argument("model")
+    models_promote.add_argument("version", type=int)
+    models_promote.add_argument("--label", choices=("stable", "canary", "shadow"), default="stable")
+    models_promote.add_argument(
+        "--weight", type=float, help="canary: share of unversioned requests, in [0, 1]"
+    )
+    models_promote.add_argument(
+        "--sticky", action="store_true", help="canary: a request id always gets the same arm"
+    )
+    models_promote.add_argument(
+        "--sample", type=float, help="shadow: share of requests mirrored to it, in [0, 1]"
+    )
+    models_rollback = models_sub.add_parser(
+        "rollback",
+        parents=[models_repo],
+        help="set stable back to the previous stable version and clear the canary",
+    )
+    models_rollback.add_argument("model")
+    for json_parser in (models_publish, models_list, models_show, models_diff):
+        json_parser.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(func=_models)
 
     bench = sub.add_parser(
         "bench", help="load-test one model: closed-loop concurrency, latency, cost"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,9 @@ from sluice import _core, datatypes
 from sluice.errors import InvalidArgumentError, SluiceError
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository import ModelManager, ModelVersion
+from sluice.repository.rollout import Outcome, outputs_agree
+
+Array = np.ndarray[Any, Any]
 
 
 @dataclasses.dataclass
@@ -78,12 +82,44 @@ def _shape_str(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
+# Background mirror requests (shadow and canary comparisons) beyond this many in
+# flight are skipped, so a slow shadow can never build an unbounded backlog.
+MAX_MIRRORS_IN_FLIGHT = 64
+
+
 class DataPlane:
     def __init__(self, models: ModelManager) -> None:
         self.models = models
+        self._mirrors: set[asyncio.Task[None]] = set()
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        mv = self.models.resolve(request.model_name, request.model_version)
+        route = self.models.route(request.model_name, request.model_version, request.id)
+        mv = route.primary
+        started = time.perf_counter()
+        try:
+            outputs = await self._run(mv, request)
+        except SluiceError:
+            if route.compare_with is not None:  # a canary request that failed
+                self.models.record_canary(mv, Outcome(False, 0.0, None), None)
+            raise
+        latency_s = time.perf_counter() - started
+        if route.compare_with is not None:
+            self._mirror(request, route.compare_with, outputs, canary=(mv, latency_s))
+        if route.shadow is not None:
+            self._mirror(request, route.shadow, outputs, canary=None)
+        return InferResponse(
+            mv.name,
+            str(mv.version),
+            request.id,
+            [
+                InferOutput(name, datatypes.from_numpy(arr.dtype).wire, tuple(arr.shape), arr)
+                for name, arr in outputs.items()
+            ],
+        )
+
+    async def _run(self, mv: ModelVersion, request: InferRequest) -> dict[str, Array]:
+        """Validates `request` against `mv`'s signature and runs it there; returns
+        the requested outputs by name. Counts the outcome in `mv`'s statistics."""
         submitted = _core.monotonic_ns()
         received = request.received_ns or submitted
         mv.stats.inflight += 1
@@ -105,11 +141,6 @@ class DataPlane:
             raise
         finally:
             mv.stats.inflight -= 1
-        outputs = [
-            InferOutput(name, datatypes.from_numpy(arr.dtype).wire, tuple(arr.shape), arr)
-            for name in output_names
-            for arr in (result.outputs[name],)
-        ]
         done_ns = _core.monotonic_ns()
         in_core_ns = result.queue_ns + result.compute_input_ns + result.compute_infer_ns
         mv.stats.record_request(
@@ -120,7 +151,50 @@ class DataPlane:
             # After the model ran: splitting, the hop back to the loop.
             compute_output_ns=max(0, done_ns - submitted - in_core_ns),
         )
-        return InferResponse(mv.name, str(mv.version), request.id, outputs)
+        return {name: result.outputs[name] for name in output_names}
+
+    def _mirror(
+        self,
+        request: InferRequest,
+        target: ModelVersion,
+        primary_outputs: dict[str, Array],
+        canary: tuple[ModelVersion, float] | None,
+    ) -> None:
+        """Runs `request` on `target` in the background and compares outputs;
+        the client's response never waits for it or depends on it. Shadow
+        mirrors are dropped, counted, when too many are already in flight."""
+        if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT:
+            target.stats.count_shadow("skipped")
+            return
+        mirrored = dataclasses.replace(request, received_ns=0, deadline_ns=0)
+
+        async def run() -> None:
+            started = time.perf_counter()
+            try:
+                outputs = await self._run(target, mirrored)
+            except SluiceError:
+                outputs = None
+            latency_s = time.perf_counter() - started
+            # A mirror that failed compares nothing (it says nothing about the canary).
+            agrees = (
+                None
+                if outputs is None
+                else outputs_agree(primary_outputs, outputs, self.models.guard_limits)
+            )
+            if canary is None:  # a shadow: record agreement, discard the response
+                target.stats.count_shadow(
+                    "error" if outputs is None else "agree" if agrees else "disagree"
+                )
+                return
+            canary_mv, canary_latency_s = canary
+            stable_latency = latency_s if outputs is not None else None
+            self.models.record_canary(
+                canary_mv, Outcome(True, canary_latency_s, agrees), stable_latency
+            )
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
 
     def record_rejected(
         self, model_name: str, model_version: str, received_ns: int, error: BaseException

@@ -60,14 +60,14 @@ def traffic(start_server: Callable[..., ServerProcess]) -> tuple[ServerProcess, 
 
 def test_counts_are_exact(traffic: tuple[ServerProcess, Samples, dict]) -> None:
     _, m, stats = traffic
-    assert _get(m, "nv_inference_request_success_total") == GOOD
-    assert _get(m, "nv_inference_request_failure_total", reason="OTHER") == BAD
-    assert _get(m, "nv_inference_request_failure_total", reason="BACKEND") == 0
+    assert _get(m, "nv_inference_request_success") == GOOD
+    assert _get(m, "nv_inference_request_failure", reason="OTHER") == BAD
+    assert _get(m, "nv_inference_request_failure", reason="BACKEND") == 0
     assert _get(m, "sluice_rejected_requests_total", reason="invalid_argument") == BAD
-    assert _get(m, "nv_inference_count_total") == stats["rows_sent"]
+    assert _get(m, "nv_inference_count") == stats["rows_sent"]
     assert _get(m, "sluice_request_duration_seconds_count", phase="request") == GOOD
     assert _get(m, "sluice_batch_size_sum") == stats["rows_sent"]
-    execs = _get(m, "nv_inference_exec_count_total")
+    execs = _get(m, "nv_inference_exec_count")
     assert 1 <= execs <= GOOD
     assert _get(m, "sluice_batch_size_count") == execs
     assert _get(m, "nv_inference_pending_request_count") == 0
@@ -81,16 +81,16 @@ def test_metrics_agree_with_model_statistics(traffic: tuple[ServerProcess, Sampl
     inf = stats["inference_stats"]
     assert int(inf["success"]["count"]) == GOOD
     assert int(inf["fail"]["count"]) == BAD
-    assert int(stats["inference_count"]) == _get(m, "nv_inference_count_total")
-    assert int(stats["execution_count"]) == _get(m, "nv_inference_exec_count_total")
+    assert int(stats["inference_count"]) == _get(m, "nv_inference_count")
+    assert int(stats["execution_count"]) == _get(m, "nv_inference_exec_count")
     for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
         ns = int(inf[phase]["ns"])
-        assert _get(m, f"nv_inference_{phase}_duration_us_total") == ns // 1000
+        assert _get(m, f"nv_inference_{phase}_duration_us") == ns // 1000
         assert _get(m, "sluice_request_duration_seconds_sum", phase=phase) == pytest.approx(
             ns / 1e9, rel=1e-9, abs=1e-12
         )
     request_ns = int(inf["success"]["ns"])
-    assert _get(m, "nv_inference_request_duration_us_total") == request_ns // 1000
+    assert _get(m, "nv_inference_request_duration_us") == request_ns // 1000
     assert _get(m, "sluice_request_duration_seconds_sum", phase="request") == pytest.approx(
         request_ns / 1e9, rel=1e-9
     )

@@ -29,7 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sluice.monitoring.cost import CostModel
-from sluice.monitoring.stats import PHASES, InferStats
+from sluice.monitoring.stats import PHASES, REJECTION_REASONS, InferStats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,19 @@ class VersionView:
 _US = 1_000
 
 
+class _TritonCounter(Metric):
+    """A counter named exactly as Triton names it. prometheus_client adds
+    `_total` to a CounterMetricFamily's samples; Triton's dashboards query
+    `nv_inference_count`, not `nv_inference_count_total`."""
+
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        super().__init__(name, documentation, "counter")
+        self._label_names = labels
+
+    def add(self, values: list[str], value: float) -> None:
+        self.add_sample(self.name, dict(zip(self._label_names, values, strict=True)), value)
+
+
 class InferenceCollector(Collector):
     def __init__(self, versions: Callable[[], Iterable[VersionView]], cost: CostModel) -> None:
         self._versions = versions
@@ -54,22 +67,22 @@ class InferenceCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         lv = ["model", "version"]
-        success = CounterMetricFamily(
+        success = _TritonCounter(
             "nv_inference_request_success", "Successful inference requests", labels=lv
         )
-        failure = CounterMetricFamily(
+        failure = _TritonCounter(
             "nv_inference_request_failure",
             "Failed inference requests by Triton's reason (REJECTED, CANCELED, BACKEND, OTHER)",
             labels=[*lv, "reason"],
         )
-        count = CounterMetricFamily(
+        count = _TritonCounter(
             "nv_inference_count", "Inferences performed (a batch of n counts n)", labels=lv
         )
-        exec_count = CounterMetricFamily(
+        exec_count = _TritonCounter(
             "nv_inference_exec_count", "Model executions (batches run)", labels=lv
         )
         durations = {
-            phase: CounterMetricFamily(
+            phase: _TritonCounter(
                 f"nv_inference_{phase}_duration_us",
                 f"Cumulative {phase.replace('_', ' ')} time of successful requests, in us",
                 labels=lv,
@@ -95,8 +108,7 @@ class InferenceCollector(Collector):
         )
         rejected = CounterMetricFamily(
             "sluice_rejected_requests",
-            "Requests that failed, by reason (queue_full, slo, timeout, deadline, cancelled, "
-            "model_error, invalid_argument, unavailable)",
+            "Requests refused or failed, by reason (every reason starts at 0)",
             labels=[*lv, "reason"],
         )
         state = GaugeMetricFamily(
@@ -112,19 +124,35 @@ class InferenceCollector(Collector):
             "Attributed cost per 1000 inferences since start",
             labels=lv,
         )
+        arms = CounterMetricFamily(
+            "sluice_rollout_requests",
+            "Unversioned requests routed to the version, by arm (stable, canary)",
+            labels=[*lv, "arm"],
+        )
+        shadow = CounterMetricFamily(
+            "sluice_shadow_comparisons",
+            "Requests mirrored to the version as a shadow, by result "
+            "(agree, disagree, error, skipped)",
+            labels=[*lv, "result"],
+        )
+        rollbacks = CounterMetricFamily(
+            "sluice_canary_rollbacks",
+            "Automatic canary rollbacks of the version, by guard (error, p99, outputs)",
+            labels=[*lv, "guard"],
+        )
         for v in self._versions():
             key = [v.model, v.version]
             s = v.stats
-            success.add_metric(key, s.success.count)
+            success.add(key, s.success.count)
             for reason, n in s.failures.items():
-                failure.add_metric([*key, reason], n)
-            count.add_metric(key, s.inference_count)
-            exec_count.add_metric(key, s.execution_count)
-            durations["request"].add_metric(key, s.success.ns // _US)
-            durations["queue"].add_metric(key, s.queue.ns // _US)
-            durations["compute_input"].add_metric(key, s.compute_input.ns // _US)
-            durations["compute_infer"].add_metric(key, s.compute_infer.ns // _US)
-            durations["compute_output"].add_metric(key, s.compute_output.ns // _US)
+                failure.add([*key, reason], n)
+            count.add(key, s.inference_count)
+            exec_count.add(key, s.execution_count)
+            durations["request"].add(key, s.success.ns // _US)
+            durations["queue"].add(key, s.queue.ns // _US)
+            durations["compute_input"].add(key, s.compute_input.ns // _US)
+            durations["compute_infer"].add(key, s.compute_infer.ns // _US)
+            durations["compute_output"].add(key, s.compute_output.ns // _US)
             pending.add_metric(key, v.queued)
             load.add_metric(key, v.load_seconds)
             for phase in PHASES:
@@ -132,15 +160,22 @@ class InferenceCollector(Collector):
                 phase_hist.add_metric([*key, phase], h.cumulative(), h.sum)
             batch_hist.add_metric(key, s.batch_sizes.cumulative(), s.batch_sizes.sum)
             inflight.add_metric(key, s.inflight)
-            for reason, n in sorted(s.rejections.items()):
-                rejected.add_metric([*key, reason], n)
+            for reason in REJECTION_REASONS:
+                rejected.add_metric([*key, reason], s.rejections.get(reason, 0))
             state.add_metric([*key, v.state], 1)
+            for arm, n in sorted(s.arms.items()):
+                arms.add_metric([*key, arm], n)
+            for result, n in sorted(s.shadow.items()):
+                shadow.add_metric([*key, result], n)
+            for guard, n in sorted(s.rollbacks.items()):
+                rollbacks.add_metric([*key, guard], n)
             usd = self._cost.usd(s.core_ns)
             cost.add_metric(key, usd)
             if s.inference_count:
                 cost_1k.add_metric(key, 1000 * usd / s.inference_count)
         yield from (success, failure, count, exec_count, *durations.values(), pending, load)
         yield from (phase_hist, batch_hist, inflight, rejected, state, cost, cost_1k)
+        yield from (arms, shadow, rollbacks)
 
 
 class HostCollector(Collector):

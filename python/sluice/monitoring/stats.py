@@ -31,6 +31,10 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 PHASES = ("request", "queue", "compute_input", "compute_infer", "compute_output")
 TRITON_FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+REJECTION_REASONS = (
+    "queue_full", "slo", "timeout", "deadline", "cancelled", "model_error",
+    "invalid_argument", "unavailable", "other",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -110,6 +114,11 @@ class InferStats:
     )
     batch_sizes: Histogram = dataclasses.field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     inflight: int = 0  # accepted by the data plane, not yet answered
+    # Progressive delivery: requests routed to this version by arm, shadow
+    # comparisons by result, canary rollbacks by reason.
+    arms: dict[str, int] = dataclasses.field(default_factory=dict)
+    shadow: dict[str, int] = dataclasses.field(default_factory=dict)
+    rollbacks: dict[str, int] = dataclasses.field(default_factory=dict)
     core_ns: int = 0  # compute time x intra-op threads: the CPU the model used (cost)
 
     def record_request(
@@ -153,6 +162,12 @@ class InferStats:
         bs.compute_input.add(compute_input_ns)
         bs.compute_infer.add(compute_infer_ns)
         bs.compute_output.add(compute_output_ns)
+
+    def count_arm(self, arm: str) -> None:
+        self.arms[arm] = self.arms.get(arm, 0) + 1
+
+    def count_shadow(self, result: str) -> None:
+        self.shadow[result] = self.shadow.get(result, 0) + 1
 
     def record_failure(self, request_ns: int, error: BaseException) -> None:
         self.fail.add(request_ns)

@@ -14,6 +14,7 @@ from sluice import config as cfg
 from sluice.errors import ModelLoadError
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository.policy import select_versions, version_dirs
+from sluice.repository.registry import Labels, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class AspiredModel:
     config: mc.ModelConfig
     versions: dict[int, str]  # version -> fingerprint of (config, model file)
     reason: str = ""  # why no version can be aspired (config error, no folder)
+    labels: Labels = dataclasses.field(default_factory=Labels)
 
 
 def model_names(repository: Path) -> list[str]:
@@ -46,7 +48,12 @@ def read_aspired(
             config.CopyFrom(cfg.read_config_file(directory)[0])
         cfg.validate_static(config, name)
         available = version_dirs(directory)
-        chosen = select_versions(available, config.version_policy)
+        aspired.labels = read_labels(directory)
+        # Labelled versions (stable, canary, shadow) load whatever the policy says.
+        chosen = sorted(
+            set(select_versions(available, config.version_policy))
+            | (aspired.labels.versions() & set(available))
+        )
         policy = config.version_policy
         if policy.WhichOneof("policy_choice") == "specific":
             absent = sorted(set(policy.specific.versions) - set(available))
@@ -61,8 +68,8 @@ def read_aspired(
                 f"model '{name}' has no version folder that its version policy "
                 f"selects (found: {available or 'none'})"
             )
-    except ModelLoadError as exc:
-        aspired.reason = exc.message
+    except (ModelLoadError, ValueError) as exc:  # ValueError: a malformed labels.json
+        aspired.reason = exc.message if isinstance(exc, ModelLoadError) else str(exc)
         return aspired
     config_bytes = config.SerializeToString(deterministic=True)
     for v in chosen:

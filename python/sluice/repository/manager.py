@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from sluice.monitoring import InferStats
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
+from sluice.repository.registry import CANARY, Labels, update_labels
+from sluice.repository.rollout import CanaryGuard, GuardLimits, Outcome, pick_canary
 from sluice.repository.swap_policy import SwapPolicy, order
 from sluice.runtime import ModelRuntime, RuntimeOptions, load_runtime
 from sluice.runtime.warmup import warm_up
@@ -59,6 +62,8 @@ class Model:
     config: mc.ModelConfig = dataclasses.field(default_factory=mc.ModelConfig)
     reason: str = ""  # why the model as a whole cannot load (config errors), or "unloaded"
     failed_reloads: dict[int, str] = dataclasses.field(default_factory=dict)
+    labels: Labels = dataclasses.field(default_factory=Labels)
+    guard: CanaryGuard | None = None  # set while a canary is live
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.ready]
@@ -72,6 +77,16 @@ class Model:
         if any(v.state is VersionState.LOADING for v in self.versions.values()):
             return "still loading"
         return "no version is ready"
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """Where one request goes: `primary` answers it; `compare_with` (the stable
+    version, set when primary is a canary) and `shadow` get background mirrors."""
+
+    primary: ModelVersion
+    compare_with: ModelVersion | None = None
+    shadow: ModelVersion | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +114,7 @@ class ModelManager:
         *,
         swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        guard_limits: GuardLimits = GuardLimits(),  # noqa: B008 - frozen dataclass
     ) -> None:
         self.repository = repository
         self.options = options
@@ -107,6 +123,8 @@ class ModelManager:
         self._on_change = on_change
         self._lock = asyncio.Lock()  # one reconciliation at a time
         self._load_gate = asyncio.Semaphore(2)
+        self.guard_limits = guard_limits
+        self._rng = random.Random()
 
     # ---- desired state -------------------------------------------------------
 
@@ -188,6 +206,7 @@ class ModelManager:
             return
         model.reason = ""
         model.config = aspired.config
+        self._apply_labels(model, aspired.labels)
         live = model.versions
         # A version (re)loads when it is new or its config or file changed; a
         # failed load is retried when its files change, or on an explicit load.
@@ -290,6 +309,92 @@ class ModelManager:
             mv.config.max_batch_size,
             runtime.instance_count,
         )
+
+    # ---- progressive delivery ---------------------------------------------------
+
+    def _apply_labels(self, model: Model, labels: Labels) -> None:
+        canary_before = model.labels.canary
+        model.labels = labels
+        if labels.canary is None:
+            model.guard = None
+        elif canary_before is None or canary_before.version != labels.canary.version:
+            model.guard = CanaryGuard(self.guard_limits)  # a new canary starts clean
+            log.info(
+                "model '%s': canary version %d at weight %.3f%s",
+                model.name,
+                labels.canary.version,
+                labels.canary.weight,
+                " (sticky)" if labels.canary.sticky else "",
+            )
+
+    def route(self, name: str, version: str, request_id: str) -> Route:
+        """The version a request goes to. An explicit version is served as asked;
+        an unversioned request goes to the stable label (else the latest ready
+        version), or to the canary with the canary's weight."""
+        if version:
+            return Route(self.resolve(name, version))
+        model = self.model(name)
+        labels = model.labels
+        stable = self._labelled(model, labels.stable)
+        base = stable or self.resolve(name, "")
+        primary, compare = base, None
+        canary = labels.canary
+        if canary is not None and canary.version != base.version:
+            candidate = self._labelled(model, canary.version)
+            if candidate is not None and pick_canary(
+                canary.weight, canary.sticky, request_id, self._rng
+            ):
+                primary, compare = candidate, base
+        primary.stats.count_arm("canary" if compare is not None else "stable")
+        shadow = None
+        if labels.shadow is not None and self._rng.random() < labels.shadow.sample:
+            shadow = self._labelled(model, labels.shadow.version)
+            if shadow is not None and shadow.version == primary.version:
+                shadow = None
+        return Route(primary, compare, shadow)
+
+    @staticmethod
+    def _labelled(model: Model, version: int | None) -> ModelVersion | None:
+        if version is None:
+            return None
+        mv = model.versions.get(version)
+        return mv if mv is not None and mv.ready else None
+
+    def record_canary(
+        self, canary: ModelVersion, outcome: Outcome, stable_latency_s: float | None
+    ) -> None:
+        """Feeds the canary's guard; rolls the canary back when a limit is passed."""
+        model = self.models.get(canary.name)
+        if model is None or model.guard is None or model.labels.canary is None:
+            return
+        if model.labels.canary.version != canary.version:
+            return
+        model.guard.record(outcome, stable_latency_s)
+        reason = model.guard.verdict()
+        if reason is None:
+            return
+        log.warning(
+            "model '%s': rolling canary version %d back automatically: %s",
+            model.name,
+            canary.version,
+            reason,
+        )
+        guard = reason.split(" ", 1)[0]  # "error", "p99", "outputs"
+        canary.stats.rollbacks[guard] = canary.stats.rollbacks.get(guard, 0) + 1
+        model.labels = dataclasses.replace(model.labels, canary=None)
+        model.guard = None
+        version = canary.version
+
+        def drop_canary(current: Labels) -> Labels:
+            if current.canary is None or current.canary.version != version:
+                return current  # someone moved the canary meanwhile: leave their edit
+            cleared = dataclasses.replace(current, canary=None)
+            return cleared.record(CANARY, version, "auto-rollback", reason)
+
+        try:
+            update_labels(model.directory, drop_canary)
+        except (OSError, ValueError) as exc:  # routing already changed; the file is the record
+            log.error("model '%s': cannot record the rollback in labels.json: %s", model.name, exc)
 
     # ---- index -----------------------------------------------------------------
 

