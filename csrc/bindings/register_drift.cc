@@ -29,6 +29,15 @@ using drift::MatrixView;
 }
 
 DType DTypeOf(const py::array& a) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  constexpr char kForeign = '<';
+#else
+  constexpr char kForeign = '>';
+#endif
+  if (a.dtype().byteorder() == kForeign) {
+    Invalid("non-native byte order " + std::string(py::str(a.dtype())) +
+            " (use arr.astype(arr.dtype.newbyteorder('=')))");
+  }
   const char kind = a.dtype().kind();
   const py::ssize_t size = a.itemsize();
   if (kind == 'f' && size == 4) return DType::kFloat32;

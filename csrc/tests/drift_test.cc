@@ -261,6 +261,28 @@ TEST(DriftWindowTest, EmptyWindowGivesNaNAndNoVerdict) {
   EXPECT_DOUBLE_EQ(g.nonfinite_rate, 1.0);
 }
 
+TEST(DriftWindowTest, AllNaNReferenceColumnGivesNaN) {
+  const auto p = ProfileOf({kNaN, kNaN, kNaN});
+  const NumericProfile& np = p->feature(0).numeric;
+  EXPECT_EQ(np.n, 0u);
+  EXPECT_EQ(np.nonfinite, 3u);
+  EXPECT_TRUE(np.edges.empty());
+  auto w = WindowOf(p);
+  Feed(w.get(), {1.0, 2.0, kNaN});
+  const FeatureDrift f = w->Statistics().features[0];
+  EXPECT_EQ(f.m, 2u);
+  EXPECT_EQ(f.nonfinite, 1u);
+  EXPECT_TRUE(std::isnan(f.psi));
+  EXPECT_TRUE(std::isnan(f.ks_d));
+  EXPECT_DOUBLE_EQ(f.mean, 1.5);
+  EXPECT_EQ(f.verdict, Verdict::kInsufficientData);
+  const std::string bytes = p->Serialize();
+  DriftProfile q;
+  EXPECT_TRUE(DriftProfile::Deserialize(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                        bytes.size(), &q)
+                  .ok());
+}
+
 TEST(DriftWindowTest, TooFewRowsForABinnedVerdict) {
   auto w = WindowOf(ProfileOf(Normal(5000, 0, 1, 7)));
   Feed(w.get(), Normal(99, 3, 1, 8));  // < 10 rows per bin x 10 bins

@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         repository_poll_secs=args.repository_poll_secs,
         load_models=tuple(args.load_model),
         swap_policy=SwapPolicy(args.swap_policy),
+        allow_metrics=args.allow_metrics == "true",
         cost=CostModel(
             usd_per_hour=args.cost_per_hour,
             usd_per_gpu_hour=args.cost_per_gpu_hour,
@@ -225,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="when a requested GPU provider is not active: fail the load, or serve "
         "on the CPU flagged as degraded",
+    )
+    serve.add_argument(
+        "--allow-metrics",
+        choices=("true", "false"),
+        default="true",
+        help="false: no /metrics and no histograms (Triton's flag; for overhead comparisons)",
     )
     serve.add_argument(
         "--model-control-mode",

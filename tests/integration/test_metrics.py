@@ -3,6 +3,7 @@ the ModelStatistics RPC, and the cost attribution formula."""
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 
@@ -117,3 +118,21 @@ def test_host_gauges_and_health_endpoints(example_server: ServerProcess) -> None
     base = f"http://127.0.0.1:{example_server.http_port}"
     for path in ("/v2/health/live", "/v2/health/ready"):
         assert urllib.request.urlopen(base + path, timeout=5).status == 200
+
+
+def test_allow_metrics_false_serves_no_metrics_but_keeps_statistics(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    server = start_server(None, "--allow-metrics", "false")
+    base = f"http://127.0.0.1:{server.http_port}"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(base + "/metrics", timeout=5)
+    assert info.value.code == 404
+    info.value.close()
+    assert urllib.request.urlopen(base + "/v2/health/ready", timeout=5).status == 200
+    client = tc.InferenceServerClient(server.url)
+    x = tc.InferInput("features", [1, 8], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 8), np.float32))
+    client.infer(MODEL, [x])
+    stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    assert int(stats["inference_stats"]["success"]["count"]) == 1

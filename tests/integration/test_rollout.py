@@ -195,3 +195,39 @@ def test_guards_roll_a_faulty_canary_back(
     assert (last["label"], last["version"], last["action"]) == ("canary", 2, "auto-rollback")
     assert last["detail"].startswith(guard)
     assert "rolling canary version 2 back automatically" in server.log
+
+
+def test_rollout_rpc_sets_and_clears_a_canary(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    import grpc
+    from sluice.proto import sluice_service_pb2 as spb
+    from sluice.proto import sluice_service_pb2_grpc as spb_grpc
+
+    server = start_server(make_repo(tmp_path, lambda p: scaler(p, 2.0), {"stable": 1}))
+    stub = spb_grpc.SluiceServiceStub(grpc.insecure_channel(server.url))
+    client = tc.InferenceServerClient(server.url)
+    x = np.ones((1, 4), np.float32)
+    assert {infer(client, x)[0] for _ in range(10)} == {"1"}
+
+    rollout = stub.SetRollout(
+        spb.SetRolloutRequest(model_name=MODEL, canary=spb.Canary(version=2, weight=1.0))
+    )
+    assert (rollout.stable_version, rollout.canary.version) == (1, 2)
+    assert {infer(client, x)[0] for _ in range(10)} == {"2"}  # fewer than the guard's minimum
+    assert json.loads((tmp_path / MODEL / "labels.json").read_text())["canary"]["weight"] == 1.0
+    assert stub.GetRollout(spb.GetRolloutRequest(model_name=MODEL)).canary.version == 2
+
+    stub.SetRollout(spb.SetRolloutRequest(model_name=MODEL, clear_canary=True))
+    assert {infer(client, x)[0] for _ in range(10)} == {"1"}
+
+    for bad, code in (
+        (spb.SetRolloutRequest(model_name=MODEL, canary=spb.Canary(version=2, weight=1.5)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (spb.SetRolloutRequest(model_name=MODEL, canary=spb.Canary(version=9, weight=0.1)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (spb.SetRolloutRequest(model_name="nope", clear_canary=True), grpc.StatusCode.NOT_FOUND),
+    ):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SetRollout(bad)
+        assert info.value.code() == code, info.value.details()

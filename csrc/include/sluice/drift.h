@@ -16,9 +16,12 @@
 //     renormalisation), natural log; JS distance uses base 2 and no eps.
 //
 // The sketch (KS and Wasserstein). Besides the B coarse bins, a numeric profile
-// keeps a fine grid: the reference quantiles at j/G, j = 0..G-1 (G = sketch
-// points, rounded up to a multiple of B, default 1000), de-duplicated, plus one
-// last edge at nextafter(max(R), +inf). Every coarse edge is also a fine edge
+// keeps a fine grid of reference quantiles: at j/G, j = 0..G-1 (G = sketch
+// points, rounded up to a multiple of B, default 1000), plus tail levels at
+// 2^-i/G and 1 - 2^-i/G for i = 1.. while (n-1) 2^-i/G >= 1 (so the outermost
+// fine bins hold about one reference value; heavy tails need this), de-duplicated,
+// plus one last edge at nextafter(max(R), +inf): about G + 2 log2(n/G) edges.
+// Every coarse edge is also a fine edge
 // (k/B == (kG/B)/G exactly in double), so the window keeps ONE histogram, on the
 // fine grid, and the coarse counts are sums of fine counts. Fine bin 0 holds the
 // values below min(R), the last fine bin those above max(R) (out of range).
@@ -30,22 +33,44 @@
 //         ks_d <= D_exact <= ks_d + ks_d_bound,
 //     ks_d_bound = max over fine bins of min(r_j, c_j) (proportions; 0 for bins
 //     one ulp wide). For a continuous reference r_j ~ 1/G, so the bound is about
-//     0.001 at G = 1000, whatever the window size.
+//     0.001 at G = 1000, whatever the window size (ties in the reference make
+//     it larger: an atom of mass a gives a bin with r_j >= a).
 //   * wasserstein = the integral of |F_R - F_C|: exact in the two tail bins and in
 //     every fine bin where the sign of F_R - F_C cannot change; in the other
 //     ("crossing") bins the exact integral lies in [|I_j|, U_j] (I_j the exact
 //     signed integral from the anchored sums, U_j its largest possible absolute
 //     value), and the estimate lies in that interval, so
 //         |wasserstein - W1_exact| <= wasserstein_bound = sum of (U_j - |I_j|).
-//     (For two samples of one law the bound is a few % of W1; for shifted laws
-//     few bins cross and the bound is much smaller.)
+//     Observed (n = 5e4, m = 2e4, G = 1000): normal laws |error| < 2e-4 sigma,
+//     bound < 5e-3 sigma. Heavy tails (Cauchy, 30 seeds): median relative error
+//     1.2 %, p90 7.5 %, max 33 %, bound median 38 % of W1 -- single extreme
+//     window values inside the widest (outermost) reference bins set it.
 //   * ks_p: asymptotic Kolmogorov distribution with Stephens' small-sample
-//     correction, Q_KS((sqrt(en) + 0.12 + 0.11/sqrt(en)) * ks_d), en = n*m/(n+m).
-//     scipy's ks_2samp (method "auto") uses the exact permutation distribution
-//     when max(n, m) <= 10000, else kstwo.sf(D, round(en)); at the same D our p
-//     differs from kstwo.sf by at most about 0.015 (worst at en ~ 5, p ~ 0.7;
-//     < 0.003 for en >= 100), and relative differences grow for p < 1e-6. Since
-//     ks_d <= D, ks_p is on the conservative (larger) side of the exact-D value.
+//     correction, Q_KS((sqrt(en) + 0.12 + 0.11/sqrt(en)) * ks_d), en = n*m/(n+m)
+//     (not rounded). scipy's ks_2samp (method "auto") uses the exact permutation
+//     distribution when max(n, m) <= 10000, else kstwo.sf(D, round(en)). At the
+//     same D, with a reference of n >= 1000 rows (sluice's case), the two differ
+//     by at most 0.04 for m >= 2 (observed max 0.033, near p ~ 0.8) and 0.015 for
+//     m >= 100; for m = 1, or when both samples are tiny (n, m <= 30, scipy exact),
+//     by up to ~0.18. Since ks_d <= D, ks_p errs on the large (conservative) side
+//     of the value at the exact D.
+//
+// Verdicts (VerdictOptions defaults): a feature drifts when PSI >= 0.2 (the doc's
+// "significant" level) AND its p-value (KS for numeric, chi-square for
+// categorical), Benjamini-Hochberg-adjusted over the features, is < 0.05. PSI
+// alone is biased upward on small windows and p-values alone flag negligible
+// shifts on large ones (and, checked repeatedly, alarm on ~50 % of unchanged
+// streams within 200 checks); together: 0.5-sigma shift flagged within 150 rows
+// in 95 % of streams, unchanged streams flagged < 2 % (tests/core/test_drift_scipy.py).
+// No verdict ("insufficient data") while m < 10 x bins. The dataset drifts when
+// >= 50 % of the features with a verdict drift. Rules, thresholds and the
+// correction (none, Bonferroni, BH) are options.
+//
+// Cost: the update is O(1) per value: one uniform-cell lookup per value (8 cells
+// per fine edge over a trimmed range chosen per feature) then 0-4 branch-free
+// search steps (1-2 for smooth laws) and one fine-bin increment; the moments in
+// SSE2 (scalar elsewhere). ~3.5 ns per value on one core (float32, 20 features,
+// Xeon SPR VM; benchmarks/drift.py). Statistics cost O(features x G).
 //
 // Threading: profiles are immutable after Build/Deserialize and may be shared by
 // any number of threads. A StreamingWindow has no internal lock: one thread at a

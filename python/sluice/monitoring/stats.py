@@ -114,6 +114,7 @@ class InferStats:
     )
     batch_sizes: Histogram = dataclasses.field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     inflight: int = 0  # accepted by the data plane, not yet answered
+    detailed: bool = True  # histograms on (off with --allow-metrics false)
     # Progressive delivery: requests routed to this version by arm, shadow
     # comparisons by result, canary rollbacks by reason.
     arms: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -136,13 +137,15 @@ class InferStats:
         self.compute_input.add(compute_input_ns)
         self.compute_infer.add(compute_infer_ns)
         self.compute_output.add(compute_output_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        if not self.detailed:
+            return
         for phase, ns in zip(
             PHASES,
             (request_ns, queue_ns, compute_input_ns, compute_infer_ns, compute_output_ns),
             strict=True,
         ):
             self.phases[phase].observe(ns * 1e-9)
-        self.last_inference_ms = time.time_ns() // 1_000_000
 
     def record_execution(
         self,
@@ -156,7 +159,8 @@ class InferStats:
         """One model execution of `batch_size` rows (however many requests)."""
         self.inference_count += batch_size
         self.execution_count += 1
-        self.batch_sizes.observe(batch_size)
+        if self.detailed:
+            self.batch_sizes.observe(batch_size)
         self.core_ns += compute_infer_ns * threads
         bs = self.batch_stats.setdefault(batch_size, BatchStat())
         bs.compute_input.add(compute_input_ns)

@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sluice import config as cfg
-from sluice.errors import ModelLoadError, NotFoundError, UnavailableError
+from sluice.errors import InvalidArgumentError, ModelLoadError, NotFoundError, UnavailableError
 from sluice.monitoring import InferStats
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
+from sluice.repository.policy import version_dirs
 from sluice.repository.registry import CANARY, Labels, update_labels
 from sluice.repository.rollout import CanaryGuard, GuardLimits, Outcome, pick_canary
 from sluice.repository.swap_policy import SwapPolicy, order
@@ -115,6 +116,7 @@ class ModelManager:
         swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY,
         on_change: Callable[[], Awaitable[None]] | None = None,
         guard_limits: GuardLimits = GuardLimits(),  # noqa: B008 - frozen dataclass
+        detailed_stats: bool = True,
     ) -> None:
         self.repository = repository
         self.options = options
@@ -124,6 +126,7 @@ class ModelManager:
         self._lock = asyncio.Lock()  # one reconciliation at a time
         self._load_gate = asyncio.Semaphore(2)
         self.guard_limits = guard_limits
+        self.detailed_stats = detailed_stats
         self._rng = random.Random()
 
     # ---- desired state -------------------------------------------------------
@@ -236,7 +239,13 @@ class ModelManager:
     async def _load_and_swap(self, model: Model, version: int, aspired: AspiredModel) -> None:
         config = mc.ModelConfig()
         config.CopyFrom(aspired.config)
-        new = ModelVersion(model.name, version, config, fingerprint=aspired.versions[version])
+        new = ModelVersion(
+            model.name,
+            version,
+            config,
+            fingerprint=aspired.versions[version],
+            stats=InferStats(detailed=self.detailed_stats),
+        )
         old = model.versions.get(version)
         if old is not None and self.swap_policy is SwapPolicy.RESOURCE:
             await self._retire(model.versions.pop(version), "replaced (resource-first)")
@@ -311,6 +320,30 @@ class ModelManager:
         )
 
     # ---- progressive delivery ---------------------------------------------------
+
+    async def change_labels(self, name: str, change: Callable[[Labels], Labels]) -> Labels:
+        """Changes the model's labels.json (under its lock) and applies it now,
+        loading any newly labelled version. Raises NotFoundError for an unknown
+        model, InvalidArgumentError for a labelled version with no folder."""
+        directory = self.repository / name
+        if not directory.is_dir():
+            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+        available = set(version_dirs(directory))
+
+        def checked(current: Labels) -> Labels:
+            updated = change(current)
+            missing = sorted(updated.versions() - available)
+            if missing:
+                raise InvalidArgumentError(
+                    f"model '{name}' has no version folder {', '.join(map(str, missing))}"
+                )
+            return updated
+
+        async with self._lock:
+            labels = await asyncio.to_thread(update_labels, directory, checked)
+            await self._reconcile(read_aspired(self.repository, name))
+        await self._changed()
+        return labels
 
     def _apply_labels(self, model: Model, labels: Labels) -> None:
         canary_before = model.labels.canary

@@ -21,14 +21,18 @@ from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
+from sluice.proto import sluice_service_pb2 as spb
+from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 from sluice.repository import ModelManager, SwapPolicy
 from sluice.runtime import RuntimeOptions
+from sluice.server.extension import SluiceServicer
 from sluice.server.http import HttpEndpoint
 from sluice.server.inference import InferenceServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+EXTENSION_NAME = spb.DESCRIPTOR.services_by_name["SluiceService"].full_name
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
 
 
@@ -50,6 +54,9 @@ class ServerOptions:
     repository_poll_secs: float = 15.0
     load_models: tuple[str, ...] = ()
     swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY
+    # Triton's --allow-metrics: false serves no /metrics and skips the histograms
+    # (ModelStatistics counters stay: the protocol needs them).
+    allow_metrics: bool = True
 
 
 class SluiceServer:
@@ -60,6 +67,7 @@ class SluiceServer:
             options.runtime,
             swap_policy=options.swap_policy,
             on_change=self._set_health,
+            detailed_stats=options.allow_metrics,
         )
         self._poller: asyncio.Task[None] | None = None
         self.dataplane = DataPlane(self.models)
@@ -78,15 +86,21 @@ class SluiceServer:
             ),
             self._grpc,
         )
+        spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.models), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._grpc,
         )
         address = f"{options.host}:{options.grpc_port}"
         self.grpc_port = self._grpc.add_insecure_port(address)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
-        registry = build_registry(self._version_views, sluice.__version__, options.cost)
+        registry = (
+            build_registry(self._version_views, sluice.__version__, options.cost)
+            if options.allow_metrics
+            else None
+        )
         self._http = HttpEndpoint(options.host, options.http_port, registry, self.is_ready)
         self.http_port = self._http.port
 

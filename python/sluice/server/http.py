@@ -28,9 +28,14 @@ class _QuietHandler(WSGIRequestHandler):
 
 class HttpEndpoint:
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, is_ready: Callable[[], bool]
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry | None,
+        is_ready: Callable[[], bool],
     ) -> None:
-        self._metrics = make_wsgi_app(registry)
+        # registry None: metrics disabled (--allow-metrics false); /metrics is 404.
+        self._metrics = make_wsgi_app(registry) if registry is not None else None
         self._is_ready = is_ready
         self._server = make_server(
             host, port, self._app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
@@ -42,7 +47,7 @@ class HttpEndpoint:
 
     def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
+        if path == "/metrics" and self._metrics is not None:
             body: Iterable[bytes] = self._metrics(environ, start_response)
             return body
         if path == "/v2/health/live":
