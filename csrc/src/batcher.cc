@@ -33,8 +33,12 @@
 // slo_target_ns of its Enqueue. ExecTimeModel learns t(n), the execution time
 // of an n-row batch, from RecordExecution. Until it has 3 samples (Ready), SLO
 // mode behaves exactly like the mode above.
+//   Batch cap. A batch takes at most cap = the largest n <= max_batch_size with
+//     t(n) <= target / 2 (recomputed with each new sample): the other half of
+//     the budget is for waiting. A model too slow for full batches within the
+//     target still serves, in smaller batches, instead of refusing everything.
 //   Dispatch. DelayElapsed is replaced by SloDue. Let next = min(rows + 1,
-//     max_batch_size): the run one row larger. Waiting for one more row is safe
+//     cap): the run one row larger. Waiting for one more row is safe
 //     while now + t(next) < oldest.enqueued + slo_target_ns; once it is not,
 //     run now. So a batch waits as long as the oldest request's target allows,
 //     and grows meanwhile. When max_queue_delay_ns > 0 the batch also runs once
@@ -42,10 +46,10 @@
 //     Blocked, PreferredReached and Stopping still run at once.
 //   Admission (Enqueue, when Ready and the queue is not empty: an empty queue
 //     always admits, which also keeps the model learning). The new request of r
-//     rows waits behind the queued rows: B = ceil((queued_rows + r) /
-//     max_batch_size) batches, its own included, shared by instance_count
-//     workers: W = ceil(B / instance_count) rounds. Predicted latency =
-//     (W - 1) * t(max) + t(rows of the last batch) + t(max) / 2, the half for
+//     rows waits behind the queued rows: B = ceil((queued_rows + r) / cap)
+//     batches, its own included, shared by instance_count workers: W =
+//     ceil(B / instance_count) rounds. Predicted latency = (W - 1) * t(cap) +
+//     t(rows of the last batch) + t(cap) / 2, the half for
 //     the batch in flight on average (a non-empty queue means busy instances).
 //     Above slo_target_ns the request is refused with kResourceExhausted: fail
 //     fast rather than miss in the queue. Priority is ignored here (a
@@ -300,15 +304,16 @@ Status Batcher::AdmitSloLocked(int32_t rows) const {
   // refusing it cannot help it, and admitted batches keep the model learning
   // (a model that only refused would never correct a pessimistic estimate).
   if (queued_rows_ == 0) return Status::Ok();
+  const int64_t cap = BatchCapLocked();
   const int64_t total_rows = queued_rows_ + rows;
-  const int64_t batches = CeilDiv(total_rows, max_batch_size_);
+  const int64_t batches = CeilDiv(total_rows, cap);
   const int64_t rounds = CeilDiv(batches, std::max<int32_t>(1, options_.instance_count));
-  const int64_t full_batch_ns = exec_model_.PredictNs(max_batch_size_);
+  const int64_t full_batch_ns = exec_model_.PredictNs(static_cast<int32_t>(cap));
   // Rows already queued mean the instances are busy: on average half a batch
   // is left of the one in flight, then the rounds ahead, the last possibly partial.
-  const int64_t last_rows = total_rows - (batches - 1) * max_batch_size_;
+  const int64_t last_rows = total_rows - (batches - 1) * cap;
   const int64_t last_ns =
-      exec_model_.PredictNs(static_cast<int32_t>(std::min<int64_t>(last_rows, max_batch_size_)));
+      exec_model_.PredictNs(static_cast<int32_t>(std::min<int64_t>(last_rows, cap)));
   const int64_t predicted_ns = SaturatingAdd(
       SaturatingAdd(SaturatingMul(rounds - 1, full_batch_ns), last_ns), full_batch_ns / 2);
   if (predicted_ns <= options_.slo_target_ns) return Status::Ok();
@@ -411,13 +416,14 @@ void Batcher::ExpireLocked(int64_t now_ns, std::vector<Expired>* expired) {
 }
 
 Batcher::Run Batcher::FormRunLocked() const {
+  const int32_t cap = BatchCapLocked();
   Run run;
   uint64_t shape_key = 0;
   ForEachInOrderLocked([&](const Pending& pending) {
     if (run.count == 0) {
       shape_key = pending.shape_key;
       run.oldest_enqueued_ns = pending.enqueued_ns;
-    } else if (pending.shape_key != shape_key || pending.rows > max_batch_size_ - run.rows) {
+    } else if (pending.shape_key != shape_key || pending.rows > cap - run.rows) {
       run.blocked = true;
       return false;
     }
@@ -429,7 +435,7 @@ Batcher::Run Batcher::FormRunLocked() const {
       run.unbatched = true;
       return false;
     }
-    return run.rows < max_batch_size_;
+    return run.rows < cap;
   });
   return run;
 }
@@ -454,7 +460,11 @@ Decision Batcher::DecideLocked(const Run& run, int64_t now_ns, size_t* take_coun
 }
 
 // Full: the run reached max_batch_size rows.
-bool Batcher::Full(const Run& run) const { return run.rows >= max_batch_size_; }
+bool Batcher::Full(const Run& run) const { return run.rows >= BatchCapLocked(); }
+
+int32_t Batcher::BatchCapLocked() const {
+  return SloModelReady() && slo_cap_rows_ > 0 ? slo_cap_rows_ : max_batch_size_;
+}
 
 // Blocked: a request follows the run but cannot join it, so the run cannot grow.
 bool Batcher::Blocked(const Run& run) const { return run.blocked; }
@@ -480,7 +490,7 @@ bool Batcher::SloModelReady() const { return options_.slo_target_ns > 0 && exec_
 bool Batcher::SloDue(const Run& run, int64_t now_ns) const { return SloWaitNs(run, now_ns) <= 0; }
 
 int64_t Batcher::SloWaitNs(const Run& run, int64_t now_ns) const {
-  const int32_t next_rows = std::min(run.rows + 1, max_batch_size_);
+  const int32_t next_rows = std::min(run.rows + 1, BatchCapLocked());
   const int64_t due_ns = SaturatingAdd(run.oldest_enqueued_ns, options_.slo_target_ns);
   return due_ns - exec_model_.PredictNs(next_rows) - now_ns;
 }
@@ -574,6 +584,20 @@ void Batcher::RecordExecution(int32_t rows, int64_t exec_ns) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     exec_model_.Observe(rows, exec_ns);
+    if (options_.slo_target_ns > 0 && exec_model_.Ready()) {
+      // Largest n with t(n) <= target / 2: the other half is for waiting.
+      // t is non-decreasing in n (the fit never has a negative slope).
+      int32_t lo = 1, hi = max_batch_size_;
+      while (lo < hi) {
+        const int32_t mid = lo + (hi - lo + 1) / 2;
+        if (exec_model_.PredictNs(mid) <= options_.slo_target_ns / 2) {
+          lo = mid;
+        } else {
+          hi = mid - 1;
+        }
+      }
+      slo_cap_rows_ = lo;
+    }
   }
   // A new fit moves the SLO waits; let a waiting worker re-decide.
   if (options_.slo_target_ns > 0) cv_.notify_one();

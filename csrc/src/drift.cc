@@ -467,10 +467,11 @@ class Reader {
     std::memcpy(&v, &bits, sizeof v);
     return v;
   }
-  // A length prefix for `elem`-byte items, checked against what remains.
+  // A length prefix k of a block of k * elem + extra bytes, checked against
+  // what remains.
   bool Count(size_t elem, size_t extra, size_t* count) {
     const uint32_t k = U32();
-    if (!ok_ || (static_cast<uint64_t>(k) + extra) * elem > n_ - pos_) {
+    if (!ok_ || static_cast<uint64_t>(k) * elem + extra > n_ - pos_) {
       ok_ = false;
       return false;
     }
@@ -782,12 +783,12 @@ Status DriftProfile::Deserialize(const uint8_t* data, size_t size, DriftProfile*
       p.m2 = r.F64();
       p.min = r.F64();
       p.max = r.F64();
-      if (!r.Count(16, 1, &k)) break;
+      if (!r.Count(16, 8, &k)) break;  // edges, counts (k + 1)
       p.edges.resize(k);
       for (double& e : p.edges) e = r.F64();
       p.counts.resize(k + 1);
       for (uint64_t& c : p.counts) c = r.U64();
-      if (!r.Count(24, 1, &k)) break;
+      if (!r.Count(24, 16, &k)) break;  // edges, counts and sums (k + 1)
       p.sketch_edges.resize(k);
       for (double& e : p.sketch_edges) e = r.F64();
       p.sketch_counts.resize(k + 1);

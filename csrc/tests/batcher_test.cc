@@ -789,6 +789,21 @@ TEST(ExecTimeModelTest, OneStallDoesNotPoisonTheModel) {
   EXPECT_LT(model.PredictNs(4), 2 * kMs);
 }
 
+TEST(BatcherSloTest, BatchesAreCappedToFitHalfTheTarget) {
+  ManualClock clock;
+  BatcherOptions options = Opts(64);
+  options.slo_target_ns = 10 * kMs;
+  Batcher batcher(options, clock);
+  for (int i = 0; i < 300; ++i) {  // t(n) = n ms exactly: t(5) = 5 ms = target / 2
+    const int32_t n = 1 + i % 8;
+    batcher.RecordExecution(n, n * kMs);
+  }
+  for (uint64_t id = 1; id <= 7; ++id) ASSERT_TRUE(batcher.Enqueue(Req(id)).ok());
+  Poller p;
+  ASSERT_TRUE(p.Try(batcher));  // full at the cap: runs at once, no waiting
+  EXPECT_EQ(p.batch.total_rows, 5);
+}
+
 TEST(BatcherSloTest, AdmissionSharesTheQueueAmongInstances) {
   ManualClock clock;
   Batcher batcher(SloOpts(2), clock);

@@ -484,6 +484,12 @@ TEST(DriftSerializationTest, RoundTripAndCorruption) {
                      .ok())
         << cut;
   }
+  // A profile whose last feature is numeric (the block ends exactly at the checksum).
+  const std::string numeric_only = ProfileOf(normal)->Serialize();
+  ASSERT_TRUE(DriftProfile::Deserialize(reinterpret_cast<const uint8_t*>(numeric_only.data()),
+                                        numeric_only.size(), &q)
+                  .ok());
+  EXPECT_EQ(q.Serialize(), numeric_only);
   std::string flipped = bytes;
   flipped[bytes.size() / 2] = static_cast<char>(flipped[bytes.size() / 2] ^ 0x10);
   EXPECT_FALSE(DriftProfile::Deserialize(reinterpret_cast<const uint8_t*>(flipped.data()),

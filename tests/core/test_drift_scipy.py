@@ -497,6 +497,10 @@ def test_profile_bytes_round_trip() -> None:
     b.update(cur)
     assert a.statistics().features[0].psi == b.statistics().features[0].psi
     assert a.statistics().features[1].chi2 == b.statistics().features[1].chi2
+    numeric_last = _core.DriftProfile.build(data[:, ::-1].copy(), kinds=None)
+    assert _core.DriftProfile.from_bytes(numeric_last.to_bytes()).to_bytes() == (
+        numeric_last.to_bytes()
+    )
     with pytest.raises(_core.StatusError):
         _core.DriftProfile.from_bytes(blob[:-1])
     corrupt = bytearray(blob)

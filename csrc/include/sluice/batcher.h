@@ -204,6 +204,8 @@ class Batcher {
   bool PreferredReached(const Run& run) const;
   bool DelayElapsed(const Run& run, int64_t now_ns) const;
   bool SloModelReady() const;
+  // The most rows a batch takes now: the SLO cap once the model is Ready.
+  int32_t BatchCapLocked() const;
   bool SloDue(const Run& run, int64_t now_ns) const;
   int64_t DelayWaitNs(const Run& run, int64_t now_ns) const;
   int64_t SloWaitNs(const Run& run, int64_t now_ns) const;
@@ -239,6 +241,9 @@ class Batcher {
   uint64_t next_sequence_ = 0;
   bool stopped_ = false;
   ExecTimeModel exec_model_;
+  // SLO mode: the most rows one batch may take so that it runs within half the
+  // target (recomputed with the model); max_batch_size_ otherwise.
+  int32_t slo_cap_rows_ = 0;
 };
 
 }  // namespace sluice
