@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, infer, bench."""
+"""The `sluice` command line: serve, infer, bench, models, profile, drift."""
 
 from __future__ import annotations
 
@@ -403,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     bench.set_defaults(func=_bench)
+
+    from sluice import drift_cli
+
+    drift_cli.add_parsers(sub)
     return parser
 
 

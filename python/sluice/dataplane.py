@@ -103,6 +103,8 @@ class DataPlane:
                 self.models.record_canary(mv, Outcome(False, 0.0, None), None)
             raise
         latency_s = time.perf_counter() - started
+        if mv.drift is not None and request.id:  # for Feedback (concept drift)
+            mv.drift.remember(request.id, outputs)
         if route.compare_with is not None:
             self._mirror(request, route.compare_with, outputs, canary=(mv, latency_s))
         if route.shadow is not None:
@@ -217,6 +219,8 @@ class DataPlane:
         given: dict[str, InferInput] = {}
         for inp in request.inputs:
             if inp.name not in declared:
+                # Not the client's name: labels must not grow with what clients send.
+                mv.stats.count_schema_skew("(unknown)", "name")
                 raise InvalidArgumentError(
                     f"unexpected inference input '{inp.name}' for model '{model}'; it expects "
                     f"{', '.join(repr(n) for n in declared)}"
@@ -228,6 +232,8 @@ class DataPlane:
             given[inp.name] = inp
         missing = [n for n, t in declared.items() if n not in given and not t.optional]
         if missing:
+            for m in missing:
+                mv.stats.count_schema_skew(m, "name")
             raise InvalidArgumentError(
                 f"expected {len(declared)} inputs but got {len(given)} inputs for model "
                 f"'{model}'; missing required input(s) {', '.join(repr(m) for m in missing)}"
@@ -239,6 +245,7 @@ class DataPlane:
             t = declared[name]
             want = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)].wire
             if inp.datatype != want:
+                mv.stats.count_schema_skew(name, "datatype")
                 raise InvalidArgumentError(
                     f"inference input '{name}' data-type is '{inp.datatype}', but model "
                     f"'{model}' expects '{want}'"
@@ -249,6 +256,7 @@ class DataPlane:
             if len(shape) != len(expected) or any(
                 e != -1 and s != e for s, e in zip(shape, expected, strict=True)
             ):
+                mv.stats.count_schema_skew(name, "shape")
                 raise InvalidArgumentError(
                     f"unexpected shape for input '{name}' for model '{model}'. Expected "
                     f"{_shape_str(expected)}, got {_shape_str(shape)}"
@@ -264,6 +272,8 @@ class DataPlane:
         if config.max_batch_size > 0 and batch_sizes:
             sizes = set(batch_sizes.values())
             if len(sizes) > 1:
+                for n in batch_sizes:
+                    mv.stats.count_schema_skew(n, "shape")
                 raise InvalidArgumentError(
                     f"inputs of model '{model}' disagree on the batch size: "
                     + ", ".join(f"'{n}' has {b}" for n, b in batch_sizes.items())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +29,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from sluice import _core
 from sluice.monitoring.cost import CostModel
+from sluice.monitoring.drift import SCORE_STATISTICS, DriftMonitor, skew_flags
 from sluice.monitoring.stats import PHASES, REJECTION_REASONS, InferStats
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class VersionView:
     queued: int  # requests waiting in the scheduler queue
     load_seconds: float
     stats: InferStats
+    drift: DriftMonitor | None = None  # None: no drift profile
 
 
 _US = 1_000
@@ -140,7 +144,9 @@ class InferenceCollector(Collector):
             "Automatic canary rollbacks of the version, by guard (error, p99, outputs)",
             labels=[*lv, "guard"],
         )
+        drift = _DriftFamilies()
         for v in self._versions():
+            drift.add(v)
             key = [v.model, v.version]
             s = v.stats
             success.add(key, s.success.count)
@@ -176,6 +182,90 @@ class InferenceCollector(Collector):
         yield from (success, failure, count, exec_count, *durations.values(), pending, load)
         yield from (phase_hist, batch_hist, inflight, rejected, state, cost, cost_1k)
         yield from (arms, shadow, rollbacks)
+        yield from drift.families()
+
+
+class _DriftFamilies:
+    """Drift, skew and quality metrics (README "Drift monitoring"). The drift
+    and quality families have samples only for versions with a drift profile;
+    schema skew counts every version's refused requests."""
+
+    def __init__(self) -> None:
+        lv = ["model", "version"]
+        self.score = GaugeMetricFamily(
+            "sluice_drift_score",
+            "Drift statistic of a feature's live window against its reference profile "
+            "(psi, js, hellinger, ks_d, wasserstein_normed, p_adjusted, out_of_range_share, "
+            "unseen_share); outputs are features named output:<name>[i]",
+            labels=[*lv, "feature", "statistic"],
+        )
+        self.detected = GaugeMetricFamily(
+            "sluice_drift_detected",
+            "1 when the feature drifts by the verdict rule (PSI >= 0.2 and BH-adjusted "
+            "p < 0.05), else 0 (also while the window has too few rows)",
+            labels=[*lv, "feature"],
+        )
+        self.rows = GaugeMetricFamily(
+            "sluice_drift_window_rows", "Rows in the version's live drift window", labels=lv
+        )
+        self.skew = GaugeMetricFamily(
+            "sluice_feature_skew",
+            "1 when a feature's serving statistics are far from training (scale, location, "
+            "range: e.g. a feature scaled in training but not in serving)",
+            labels=[*lv, "feature", "kind"],
+        )
+        self.schema = CounterMetricFamily(
+            "sluice_schema_skew",
+            "Requests refused for a mismatch with the model signature, by input and kind "
+            "(name, datatype, shape)",
+            labels=[*lv, "input", "kind"],
+        )
+        self.quality = GaugeMetricFamily(
+            "sluice_model_quality",
+            "Rolling prediction quality from Feedback ground truth (accuracy, mae, rmse)",
+            labels=[*lv, "metric"],
+        )
+        self.degraded = GaugeMetricFamily(
+            "sluice_model_quality_degraded",
+            "1 when the rolling quality is worse than the metadata.json baseline "
+            "(accuracy - 0.05, or 1.2 x mae/rmse)",
+            labels=lv,
+        )
+
+    def add(self, v: VersionView) -> None:
+        key = [v.model, v.version]
+        for (input_name, kind), n in sorted(v.stats.schema_skew.items()):
+            self.schema.add_metric([*key, input_name, kind], n)
+        monitor = v.drift
+        if monitor is None:
+            return
+        reports = monitor.statistics()
+        if reports:  # rows as of now (old panes expired), of the first tensor
+            self.rows.add_metric(key, reports[0][1].rows)
+        for tp, report in reports:
+            assert tp.profile is not None
+            numeric = _core.FeatureKind.NUMERIC
+            for i, (name, f) in enumerate(zip(tp.features, report.features, strict=True)):
+                for stat in SCORE_STATISTICS:
+                    value = float(getattr(f, stat))
+                    if math.isfinite(value):
+                        self.score.add_metric([*key, name, stat], value)
+                self.detected.add_metric(
+                    [*key, name], 1.0 if f.verdict == _core.Verdict.DRIFT else 0.0
+                )
+                if f.kind == numeric:
+                    flags = skew_flags(tp.profile.numeric(i), f)
+                    for kind in ("scale", "location", "range"):
+                        self.skew.add_metric([*key, name, kind], 1.0 if kind in flags else 0.0)
+        q = monitor.quality
+        if q is not None:
+            for metric, value in q.metrics().items():
+                self.quality.add_metric([*key, metric], value)
+            self.degraded.add_metric(key, 1.0 if q.degraded()[0] else 0.0)
+
+    def families(self) -> Iterator[Metric]:
+        yield from (self.score, self.detected, self.rows, self.skew, self.schema)
+        yield from (self.quality, self.degraded)
 
 
 class HostCollector(Collector):

@@ -121,6 +121,15 @@ class InferStats:
     shadow: dict[str, int] = dataclasses.field(default_factory=dict)
     rollbacks: dict[str, int] = dataclasses.field(default_factory=dict)
     core_ns: int = 0  # compute time x intra-op threads: the CPU the model used (cost)
+    # Schema skew: requests refused for a mismatch with the signature, by
+    # (input name, kind): kind is "name" (input "(unknown)" for a name the model
+    # does not have, else the missing input's), "datatype"
+    # or "shape" (dims or batch size).
+    schema_skew: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+
+    def count_schema_skew(self, input_name: str, kind: str) -> None:
+        key = (input_name, kind)
+        self.schema_skew[key] = self.schema_skew.get(key, 0) + 1
 
     def record_request(
         self,

@@ -73,16 +73,31 @@ def read_aspired(
         return aspired
     config_bytes = config.SerializeToString(deterministic=True)
     for v in chosen:
-        aspired.versions[v] = _fingerprint(config_bytes, cfg.model_file(directory, v, config))
+        aspired.versions[v] = _fingerprint(
+            config_bytes,
+            cfg.model_file(directory, v, config),
+            directory / str(v) / DRIFT_MANIFEST,
+        )
     return aspired
 
 
-def _fingerprint(config_bytes: bytes, model_path: Path) -> str:
-    """Config plus the model file's identity (size, mtime): cheap enough to poll."""
+# Written last by `sluice profile` (sluice.monitoring.drift.MANIFEST_FILENAME): a new
+# drift profile reloads the version (poll mode, explicit load) like a new model file.
+DRIFT_MANIFEST = "drift_profile.json"
+
+
+def _fingerprint(config_bytes: bytes, model_path: Path, profile_path: Path) -> str:
+    """Config plus the model file's identity (size, mtime), and the drift
+    profile's if there is one: cheap enough to poll."""
     h = hashlib.sha256(config_bytes)
     try:
         st = model_path.stat()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     except OSError:
         h.update(b"missing")
+    try:
+        st = profile_path.stat()
+        h.update(f"profile {st.st_size}:{st.st_mtime_ns}".encode())
+    except OSError:
+        pass  # no profile: the fingerprint of a plain version stays what it was
     return h.hexdigest()

@@ -17,11 +17,12 @@ from pathlib import Path
 from sluice import config as cfg
 from sluice.errors import InvalidArgumentError, ModelLoadError, NotFoundError, UnavailableError
 from sluice.monitoring import InferStats
+from sluice.monitoring.drift import DriftMonitor, create_monitor
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
 from sluice.repository.policy import version_dirs
-from sluice.repository.registry import CANARY, Labels, update_labels
+from sluice.repository.registry import CANARY, Labels, read_metadata, update_labels
 from sluice.repository.rollout import CanaryGuard, GuardLimits, Outcome, pick_canary
 from sluice.repository.swap_policy import SwapPolicy, order
 from sluice.runtime import ModelRuntime, RuntimeOptions, load_runtime
@@ -44,6 +45,8 @@ class ModelVersion:
     load_seconds: float = 0.0
     stats: InferStats = dataclasses.field(default_factory=InferStats)
     fingerprint: str = ""  # of the config and model file it was loaded from
+    drift: DriftMonitor | None = None  # set when the version has a drift profile
+    drift_reason: str = "the version has no drift profile (run sluice profile)"
 
     def transition(self, new: VersionState, reason: str = "") -> None:
         check_transition(self.state, new)
@@ -297,7 +300,10 @@ class ModelManager:
             path = cfg.model_file(model.directory, mv.version, mv.config)
             runtime, notes = load_runtime(path, mv.config, model.name, self.options)
             warm_up(runtime, mv.config, model.directory)
-            scheduler = Scheduler(mv.name, mv.version, mv.config, runtime, mv.stats, loop)
+            self._attach_drift(model, mv)
+            scheduler = Scheduler(
+                mv.name, mv.version, mv.config, runtime, mv.stats, loop, drift=mv.drift
+            )
         except ModelLoadError as exc:
             mv.transition(VersionState.FAILED, exc.message)
             log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, exc.message)
@@ -318,6 +324,32 @@ class ModelManager:
             mv.config.max_batch_size,
             runtime.instance_count,
         )
+
+    @staticmethod
+    def _attach_drift(model: Model, mv: ModelVersion) -> None:
+        """Drift windows for a version with a profile; a profile that cannot be
+        used is logged and the version serves without drift monitoring."""
+        version_dir = model.directory / str(mv.version)
+        try:
+            metadata = read_metadata(version_dir) or {}
+            metrics = metadata.get("metrics") if isinstance(metadata, dict) else None
+            mv.drift = create_monitor(
+                version_dir, mv.config, metrics if isinstance(metrics, dict) else None
+            )
+        except Exception as exc:  # a bad or stale profile never fails the load
+            mv.drift = None
+            mv.drift_reason = f"the drift profile cannot be used: {exc}"
+            log.error("model '%s' version %d: %s", mv.name, mv.version, mv.drift_reason)
+            return
+        if mv.drift is not None:
+            mv.drift_reason = ""
+            log.info(
+                "model '%s' version %d: drift monitoring on (%d tensor(s), %gs window)",
+                mv.name,
+                mv.version,
+                len(mv.drift.tensors),
+                mv.drift.window_seconds,
+            )
 
     # ---- progressive delivery ---------------------------------------------------
 

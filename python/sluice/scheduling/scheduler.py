@@ -25,6 +25,7 @@ import numpy as np
 
 from sluice import _core
 from sluice.errors import DeadlineExceededError, InternalError, SluiceError, from_code
+from sluice.monitoring.drift import DriftMonitor
 from sluice.monitoring.stats import InferStats
 from sluice.proto import model_config_pb2 as mc
 from sluice.runtime import ModelRuntime
@@ -61,6 +62,10 @@ class _BatchOutcome:
     compute_start_ns: int
     infer_start_ns: int
     infer_end_ns: int
+    # The batch's contiguous inputs and the model's outputs, for the drift
+    # monitor (which runs after the outcome was posted).
+    feeds: dict[str, Array] | None = None
+    results: list[Array] | None = None
 
 
 class Scheduler:
@@ -72,7 +77,9 @@ class Scheduler:
         runtime: ModelRuntime,
         stats: InferStats,
         loop: asyncio.AbstractEventLoop,
+        drift: DriftMonitor | None = None,
     ) -> None:
+        self._drift = drift
         self._label = f"'{name}' version {version}"
         self._runtime = runtime
         self._stats = stats
@@ -212,12 +219,21 @@ class Scheduler:
             if batch is not None:
                 # _run turns every failure into the batch's outcome, so each
                 # batch is answered once and preserve_ordering never stalls.
-                self._post(self._deliver, self._run(batch))
+                outcome = self._run(batch)
+                self._post(self._deliver, outcome)
+                # Drift windows after the results went back: the client's
+                # response never waits for them.
+                if self._drift is not None and outcome.results is not None:
+                    assert outcome.feeds is not None
+                    self._drift.observe(outcome.feeds, outcome.results)
+                    outcome.feeds = outcome.results = None
 
     def _run(self, batch: Any) -> _BatchOutcome:
         compute_start = _core.monotonic_ns()
         tickets = [self._tickets[i] for i in batch.ids]
         infer_start = infer_end = compute_start
+        feeds: dict[str, Array] | None = None
+        results: list[Array] | None = None
         try:
             feeds = self._gather(tickets, int(batch.total_rows))
             infer_start = _core.monotonic_ns()
@@ -231,7 +247,11 @@ class Scheduler:
         except Exception as exc:  # the model failed on this batch only
             outputs = None
             error = InternalError(f"onnxruntime failed to run model {self._label}: {exc}")
-        return _BatchOutcome(batch, tickets, outputs, error, compute_start, infer_start, infer_end)
+        if error is not None:
+            results = None
+        return _BatchOutcome(
+            batch, tickets, outputs, error, compute_start, infer_start, infer_end, feeds, results
+        )
 
     def _gather(self, tickets: list[_Ticket], total_rows: int) -> dict[str, Array]:
         if len(tickets) == 1:

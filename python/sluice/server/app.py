@@ -112,7 +112,7 @@ class SluiceServer:
             for v in list(m.versions.values()):
                 queued = v.scheduler.queued_requests if v.scheduler is not None else 0
                 yield VersionView(
-                    m.name, str(v.version), v.state.value, queued, v.load_seconds, v.stats
+                    m.name, str(v.version), v.state.value, queued, v.load_seconds, v.stats, v.drift
                 )
 
     async def _set_health(self) -> None:
