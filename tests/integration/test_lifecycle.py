@@ -141,7 +141,11 @@ def test_publish_in_poll_mode_then_rollback_with_zero_failures(
     assert load.mismatches == []
     assert {v for v, _ in load.ok} == {"1", "2"}
     print(f"poll publish + rollback: {len(load.ok)} requests, p99 {load.p99_ms():.1f} ms")
-    assert _index(server.url)[(MODEL, "1")][0] == "READY"
+    # Version 2's folder is gone: the index settles on version 1 alone.
+    _wait_until(
+        lambda: {k: v[0] for k, v in _index(server.url).items()} == {(MODEL, "1"): "READY"},
+        "the index to show only version 1, READY",
+    )
 
 
 def test_explicit_load_swaps_and_unload_drains(

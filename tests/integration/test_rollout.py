@@ -73,8 +73,8 @@ def slow_identity(path: Path) -> None:
     zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h0"]),
-        *(helper.make_node("MatMul", [f"h{i}", "w2"], [f"h{i + 1}"]) for i in range(24)),
-        helper.make_node("ReduceSum", ["h24"], ["s"], keepdims=1),
+        *(helper.make_node("MatMul", [f"h{i}", "w2"], [f"h{i + 1}"]) for i in range(64)),
+        helper.make_node("ReduceSum", ["h64"], ["s"], keepdims=1),
         helper.make_node("Mul", ["s", "zero"], ["z"]),
         helper.make_node("Add", ["x", "z"], ["y"]),
     ]
@@ -185,7 +185,10 @@ def test_guards_roll_a_faulty_canary_back(
     deadline = time.monotonic() + 120
     while metric(server, "sluice_canary_rollbacks_total", version="2") < 1:
         assert time.monotonic() < deadline, "no guard fired"
-        infer(client, x)
+        # Scrape between bursts, not between requests: a scrape running beside
+        # the background mirrors would add its own time to stable's latency.
+        for _ in range(25):
+            infer(client, x)
     assert metric(server, "sluice_canary_rollbacks_total", version="2", guard=guard) == 1
     # Rolled back: unversioned traffic is all stable again, and the file says why.
     assert {infer(client, x)[0] for _ in range(30)} == {"1"}
