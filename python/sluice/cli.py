@@ -306,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the next version atomically, with lineage in metadata.json",
     )
     models_publish.add_argument("model")
+    models_publish.add_argument(
+        "--profile",
+        metavar="DATA",
+        help="also store the drift reference profile of the new version from DATA "
+        "(.npy, .npz, .csv; see `sluice profile`)",
+    )
     models_publish.add_argument("file", metavar="FILE.onnx")
     models_publish.add_argument("--source", help="where the file came from (default: its name)")
     for option, meta, text in (

@@ -744,3 +744,20 @@ def test_labels_constructed_in_code_are_validated() -> None:
 def test_null_labels_mean_unset(tmp_path: pathlib.Path) -> None:
     (tmp_path / "labels.json").write_text('{"stable": null, "canary": null, "shadow": null}')
     assert registry.read_labels(tmp_path) == registry.Labels()
+
+
+def test_publish_with_profile_stores_the_drift_reference(
+    capsys: pytest.CaptureFixture[str], repo: pathlib.Path, model_a: pathlib.Path
+) -> None:
+    rng = np.random.default_rng(3)
+    data = repo.parent / "train.npz"
+    np.savez(data, x=rng.standard_normal((500, 4), np.float32), s=rng.random((500, 4), np.float32))
+    code, out, err = run(capsys, repo, "publish", "m", str(model_a), "--profile", str(data))
+    assert code == 0, err
+    version_dir = repo / "m" / "1"
+    manifest = json.loads((version_dir / "drift_profile.json").read_text())
+    assert manifest  # the profile of the new version, written beside it
+    assert any(
+        p.name.startswith("drift_profile") and p.suffix == ".bin" for p in version_dir.iterdir()
+    )
+    assert "published m version 1" in out

@@ -90,6 +90,24 @@ def _publish(repository: Path, args: argparse.Namespace) -> int:
         tags=_pairs(args.tag, "--tag"),
     )
     _warn("publish", result.warnings)
+    if args.profile:
+        # The version is already visible; a polling server that loaded it first
+        # reloads it once the profile's manifest lands (it is in the fingerprint).
+        from sluice import drift_cli
+
+        code = drift_cli.profile(
+            argparse.Namespace(
+                model=args.model,
+                version=result.version,
+                data=args.profile,
+                model_repository=str(repository),
+                categorical=[],
+                bins=10,
+                sketch_points=1000,
+            )
+        )
+        if code != 0:
+            return code
     if args.json:
         _print_json(
             {
