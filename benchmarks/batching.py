@@ -488,11 +488,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kind": "batching",
         "timestamp": stamp,
         "machine": harness.machine_info(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (harness.rel(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "models": models,
         "concurrency": conc,
         "max_queue_delay_us": delay_us,
-        "ceiling_source": str(harness.CEILING_JSON),
+        "ceiling_source": harness.rel(harness.CEILING_JSON),
         "ceiling_reused": bool(args.skip_ceiling),
         "ceiling": {m: ceiling.get(m) for m in models},
         "runs": [],
@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def save() -> None:
         result["runs"] = [asdict(r) for r in runs]
-        out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        out_path.write_text(harness.to_json(result), encoding="utf-8")
 
     sluice = harness.sluice_server(args.repo, sluice=args.sluice)
     baseline: harness.Server | None = None

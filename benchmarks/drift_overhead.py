@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import statistics
 import subprocess
@@ -109,7 +108,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out = harness.RESULTS_DIR / f"drift-overhead-{harness.timestamp()}.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out.write_text(harness.to_json(summary))
     print(
         f"drift on {on:.1f} infer/s, off {off:.1f} infer/s: on/off {on / off:.3f} "
         f"(overhead {summary['overhead_pct']:.1f}%); {window}; wrote {out}"

@@ -12,6 +12,7 @@ import atexit
 import collections
 import contextlib
 import itertools
+import json
 import os
 import platform
 import re
@@ -37,6 +38,20 @@ BASELINE_READY = SLUICE_READY
 
 _LIVE: dict[int, subprocess.Popen[Any]] = {}
 _LIVE_LOCK = threading.Lock()
+
+
+def rel(path: Path) -> str:
+    """A path as recorded in results: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def to_json(data: object) -> str:
+    """Results as JSON with this checkout's absolute path taken out (server logs
+    quote it), so committed results name no path of the machine that made them."""
+    return json.dumps(data, indent=2).replace(str(REPO_ROOT) + "/", "") + "\n"
 
 
 def timestamp() -> str:

@@ -14,7 +14,6 @@ least-squares line through the last 40 samples; writes results/lifecycle-memory-
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import harness
@@ -62,7 +61,7 @@ def main() -> None:
         "machine": harness.machine_info(),
     }
     out = harness.RESULTS_DIR / f"lifecycle-memory-{harness.timestamp()}.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out.write_text(harness.to_json(summary))
     print(
         f"{args.cycles} load/unload cycles of {args.model} in {seconds:.1f} s: RSS after unload "
         f"{rss_mb[0]:.1f} MB first, {rss_mb[-1]:.1f} MB last, {max(rss_mb):.1f} MB max; "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import tempfile
 import threading
@@ -107,7 +106,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     out = harness.RESULTS_DIR / f"metrics-overhead-{harness.timestamp()}.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    out.write_text(harness.to_json(summary))
     print(
         f"metrics on {on_mean:.1f} infer/s, off {off_mean:.1f} infer/s: on/off "
         f"{summary['on_over_off']:.3f} (overhead {summary['overhead_pct']:.1f}%); wrote {out}"

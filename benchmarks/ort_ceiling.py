@@ -15,7 +15,6 @@ per-call latency (mean, p50, p99). Prints a markdown table and writes JSON
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -89,7 +88,7 @@ def run(
         "intra_op_threads": threads,
         "allow_spinning": "0",
         "seconds_per_point": seconds,
-        "repo": str(repo),
+        "repo": harness.rel(repo),
         "models": {},
     }
     for model in models:
@@ -158,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure_repo(args.repo)
     result = run(args.repo, models, batches, seconds, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    args.out.write_text(harness.to_json(result), encoding="utf-8")
     print(
         f"\nonnxruntime {result['onnxruntime']}, intra_op_num_threads={args.threads}, "
         f"{seconds:g} s per point, {result['machine']['cpu']} "

@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -456,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kind": "slo",
         "timestamp": stamp,
         "machine": harness.machine_info(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {k: (harness.rel(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "target_ms": float(args.slo_target_ms),
         "modes": [],
     }
@@ -477,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["interrupted"] = True
         finally:
             result["wall_s"] = time.monotonic() - started
-            out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            out_path.write_text(harness.to_json(result), encoding="utf-8")
 
     if result.get("interrupted") or "capacity" not in result:
         print(f"interrupted; partial results in {out_path}", file=sys.stderr)
