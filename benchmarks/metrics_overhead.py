@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--measurement-interval", type=int, default=3000)
     parser.add_argument("--scrape-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--off-first", action="store_true", help="start the metrics-off server first"
+    )
     args = parser.parse_args()
     harness.install_cleanup()
     harness.run_bounded(["python", str(harness.BENCH_DIR / "build_models.py")], 120)
@@ -72,7 +75,11 @@ def main() -> None:
         harness.sluice_server(repo) as on,
         harness.sluice_server(repo, extra=["--allow-metrics", "false"]) as off,
     ):
-        on_url, off_url = on.start(), off.start()
+        # Start order alternates with --off-first, to rule out a first-started bias.
+        if args.off_first:
+            off_url, on_url = off.start(), on.start()
+        else:
+            on_url, off_url = on.start(), off.start()
         metrics_url = f"http://127.0.0.1:{_http_port(on)}/metrics"
         results: dict[str, list[float]] = {"on": [], "off": []}
         for r in range(args.rounds):
@@ -98,6 +105,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "rounds": results,
         "scrape_interval_s": args.scrape_interval,
+        "off_started_first": args.off_first,
         "on_mean": on_mean,
         "off_mean": off_mean,
         "on_over_off": on_mean / off_mean,
