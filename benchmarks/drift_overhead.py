@@ -18,7 +18,6 @@ each and the ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import statistics
 import subprocess
@@ -31,13 +30,7 @@ from pathlib import Path
 
 import harness
 import numpy as np
-from metrics_overhead import _http_port, _measure
-
-
-def _scrape_forever(url: str, stop: threading.Event, interval_s: float) -> None:
-    while not stop.wait(interval_s):
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(url, timeout=5).read()
+from metrics_overhead import http_port, measure_throughput, scrape_forever
 
 
 def _prepare(repo: Path, model: str) -> tuple[str, str]:
@@ -77,9 +70,9 @@ def main() -> None:
         with harness.sluice_server(repo) as server:
             url = server.start()
             stop = threading.Event()
-            metrics_url = f"http://127.0.0.1:{_http_port(server)}/metrics"
+            metrics_url = f"http://127.0.0.1:{http_port(server)}/metrics"
             scraper = threading.Thread(
-                target=_scrape_forever, args=(metrics_url, stop, args.scrape_interval), daemon=True
+                target=scrape_forever, args=(metrics_url, stop, args.scrape_interval), daemon=True
             )
             scraper.start()
             results: dict[str, list[float]] = {"drift": [], "plain": []}
@@ -87,7 +80,9 @@ def main() -> None:
                 for r in range(args.rounds):
                     pair = [("drift", profiled), ("plain", plain)]
                     for name, model in pair if r % 2 == 0 else pair[::-1]:
-                        tput = _measure(url, model, args.concurrency, args.measurement_interval)
+                        tput = measure_throughput(
+                            url, model, args.concurrency, args.measurement_interval
+                        )
                         results[name].append(tput)
                         print(f"round {r + 1} {name}: {tput:.1f} infer/s", flush=True)
                 rows = urllib.request.urlopen(metrics_url, timeout=5).read().decode()

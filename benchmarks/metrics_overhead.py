@@ -28,20 +28,20 @@ import harness
 from batching import parse_csv
 
 
-def _scrape_forever(url: str, stop: threading.Event, interval_s: float) -> None:
+def scrape_forever(url: str, stop: threading.Event, interval_s: float) -> None:
     while not stop.wait(interval_s):
         with contextlib.suppress(OSError):  # a failed scrape is the scraper's problem
             urllib.request.urlopen(url, timeout=5).read()
 
 
-def _http_port(server: harness.Server) -> int:
+def http_port(server: harness.Server) -> int:
     for line in server.lines:
         if " ready: grpc " in line:
             return int(line.split(", http ")[1].split(" ")[0].rsplit(":", 1)[1])
     raise RuntimeError("no http port in the banner")
 
 
-def _measure(url: str, model: str, concurrency: int, interval_ms: int) -> float:
+def measure_throughput(url: str, model: str, concurrency: int, interval_ms: int) -> float:
     with tempfile.TemporaryDirectory(prefix="sluice-pa-") as tmp:
         csv_path = Path(tmp) / "pa.csv"
         argv = [
@@ -80,21 +80,23 @@ def main() -> None:
             off_url, on_url = off.start(), on.start()
         else:
             on_url, off_url = on.start(), off.start()
-        metrics_url = f"http://127.0.0.1:{_http_port(on)}/metrics"
+        metrics_url = f"http://127.0.0.1:{http_port(on)}/metrics"
         results: dict[str, list[float]] = {"on": [], "off": []}
         for r in range(args.rounds):
             pair = [("on", on_url), ("off", off_url)]
             for name, url in pair if r % 2 == 0 else pair[::-1]:
                 stop = threading.Event()
                 scraper = threading.Thread(
-                    target=_scrape_forever,
+                    target=scrape_forever,
                     args=(metrics_url, stop, args.scrape_interval),
                     daemon=True,
                 )
                 if name == "on":
                     scraper.start()
                 try:
-                    tput = _measure(url, args.model, args.concurrency, args.measurement_interval)
+                    tput = measure_throughput(
+                        url, args.model, args.concurrency, args.measurement_interval
+                    )
                 finally:
                     stop.set()
                 results[name].append(tput)
