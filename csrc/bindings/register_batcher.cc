@@ -8,6 +8,10 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
 #include "sluice/batcher.h"
 #include "sluice/gather.h"
 #include "status_error.h"
@@ -70,7 +74,10 @@ class PyBatcher {
   Batcher batcher_;
 };
 
-// Copies C-contiguous arrays back to back into `out` without the GIL.
+// Copies of at least this many bytes release the GIL (see GatherRows).
+constexpr size_t kReleaseGilBytes = size_t{256} << 10;
+
+// Copies C-contiguous arrays back to back into `out`, without the GIL when large.
 void GatherRows(const std::vector<py::buffer>& parts, py::buffer out) {
   py::buffer_info dst = out.request(true);
   std::vector<ConstSpan> spans;
@@ -98,6 +105,12 @@ void GatherRows(const std::vector<py::buffer>& parts, py::buffer out) {
                                          std::to_string(dst.size * dst.itemsize)));
   }
   auto* base = static_cast<uint8_t*>(dst.ptr);
+  if (total < kReleaseGilBytes) {
+    // A small copy takes less than a microsecond; handing the GIL back to a
+    // busy event loop and waiting to get it again costs far more.
+    GatherSpans(spans, base);
+    return;
+  }
   py::gil_scoped_release release;
   GatherSpans(spans, base);
 }
@@ -160,8 +173,21 @@ void register_batcher(py::module_& m) {
                              [](PyBatcher& b) { return b.batcher().QueuedRequests(); })
       .def_property_readonly("queued_rows", [](PyBatcher& b) { return b.batcher().QueuedRows(); });
 
+  m.def(
+      "set_timer_slack_ns",
+      [](uint64_t ns) {
+#ifdef __linux__
+        return prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(ns), 0, 0, 0) == 0;
+#else
+        (void)ns;
+        return false;
+#endif
+      },
+      py::arg("ns"),
+      "Sets the calling thread's timer slack (Linux; False elsewhere). Linux lets a\n"
+      "timed wait overshoot by 50 us by default, which a max_queue_delay wait pays.");
   m.def("gather_rows", &GatherRows, py::arg("parts"), py::arg("out"),
-        "Copy C-contiguous arrays back to back into `out` (GIL released for the copy).");
+        "Copy C-contiguous arrays back to back into `out` (GIL released for copies >= 256 KiB).");
 }
 
 }  // namespace sluice::bindings

@@ -6,7 +6,9 @@ and timeouts are checked exactly, without sleeping.
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import sys
 import threading
 
 import numpy as np
@@ -291,13 +293,39 @@ def test_no_memory_growth_over_a_million_requests() -> None:
     assert after - before < 16 * 1024, f"max RSS grew by {after - before} KiB"
 
 
-def test_gather_rows_concatenates_without_copies_in_python() -> None:
-    parts = [np.arange(6, dtype=np.float32).reshape(2, 3), np.full((1, 3), 7, np.float32)]
-    out = np.empty((3, 3), np.float32)
+@pytest.mark.parametrize("cols", [3, 100_000])  # under and over the 256 KiB GIL-release size
+def test_gather_rows_concatenates_without_copies_in_python(cols: int) -> None:
+    parts = [
+        np.arange(2 * cols, dtype=np.float32).reshape(2, cols),
+        np.full((1, cols), 7, np.float32),
+    ]
+    out = np.empty((3, cols), np.float32)
     _core.gather_rows(parts, out)
     np.testing.assert_array_equal(out, np.concatenate(parts))
     with pytest.raises(_core.StatusError):
-        _core.gather_rows(parts, np.empty((4, 3), np.float32))
+        _core.gather_rows(parts, np.empty((4, cols), np.float32))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="timer slack is a Linux thread attribute")
+def test_timer_slack_is_set_for_the_calling_thread_only() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_get_timerslack = 30
+
+    def slack() -> int:
+        return int(libc.prctl(pr_get_timerslack, 0, 0, 0, 0))
+
+    main_before = slack()
+    seen: list[int] = []
+
+    def worker() -> None:
+        assert _core.set_timer_slack_ns(1_000)
+        seen.append(slack())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [1_000]
+    assert slack() == main_before
 
 
 def _trained_slo_batcher(target_ms: float) -> tuple[_core.Batcher, _core.ManualClock]:
