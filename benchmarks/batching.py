@@ -13,9 +13,11 @@ measured side by side, on the same machine state, by this process:
 2. Unless --skip-ceiling, runs ort_ceiling.py (in-process onnxruntime rows/s at
    batch 1/8/32/64) into results/ort_ceiling.json.
 3. Starts ``sluice serve`` on the repository (free ports) and, for tiny_mlp, the
-   baseline server (baseline_server.py), as subprocesses; waits for their ready lines.
+   baseline server (baseline_server.py) and the grpc.aio floor (the same server
+   with --frontend-only: no model run per request), as subprocesses; waits for
+   their ready lines.
 4. For each model and concurrency, runs perf_analyzer back to back against
-   ``<model>`` (batching off), ``<model>_batched`` (on) and the baseline, reading
+   ``<model>`` (batching off), ``<model>_batched`` (on), the baseline and the floor, reading
    sluice's ModelStatistics before/after each run: average batch size =
    delta inference_count / delta execution_count.
 5. Prints markdown tables (every run; the ratios the goals need) and writes
@@ -65,9 +67,9 @@ LATENCY_SLACK_US = 100  # c=1 goal: p50(on) - p50(off) <= max_queue_delay + 100 
 @dataclass
 class Run:
     model: str  # base model, e.g. wide_mlp
-    variant: str  # off | on | baseline
+    variant: str  # off | on | baseline | floor
     served: str  # name perf_analyzer asked for
-    server: str  # sluice | baseline
+    server: str  # sluice | baseline | floor
     concurrency: int
     ok: bool = False
     error: str | None = None
@@ -244,7 +246,9 @@ def comparison(
     out = []
     for model in models:
         for c in conc:
-            off, on, base = (_by(runs, model, v, c) for v in ("off", "on", "baseline"))
+            off, on, base, floor = (
+                _by(runs, model, v, c) for v in ("off", "on", "baseline", "floor")
+            )
             batch = on.avg_batch if on else None
             ceil = (
                 harness.ceiling_at(ceiling.get(model, []), batch)
@@ -260,6 +264,11 @@ def comparison(
                     "baseline": base.throughput if base else None,
                     "on_over_off": _ratio(on and on.throughput, off and off.throughput),
                     "on_over_baseline": _ratio(on and on.throughput, base and base.throughput),
+                    "floor": floor.throughput if floor else None,
+                    "on_over_floor": _ratio(on and on.throughput, floor and floor.throughput),
+                    "floor_over_baseline": _ratio(
+                        floor and floor.throughput, base and base.throughput
+                    ),
                     "avg_batch_on": batch,
                     "ceiling_at_batch": ceil,
                     "on_over_ceiling": _ratio(on and on.throughput, ceil),
@@ -286,6 +295,8 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
             "on/off",
             "baseline infer/s",
             "on/baseline",
+            "floor infer/s",
+            "on/floor",
             "avg batch (on)",
             "ORT ceiling @batch",
             "on/ceiling",
@@ -300,6 +311,8 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
                 f(r["on_over_off"], ".2f", "-"),
                 f(r["baseline"], ".0f", "-"),
                 f(r["on_over_baseline"], ".2f", "-"),
+                f(r["floor"], ".0f", "-"),
+                f(r["on_over_floor"], ".2f", "-"),
                 f(r["avg_batch_on"], ".2f", "-"),
                 f(r["ceiling_at_batch"], ".0f", "-"),
                 f(r["on_over_ceiling"], ".2f", "-"),
@@ -332,7 +345,9 @@ def goals(rows: Sequence[dict[str, Any]], delay_us: int) -> list[dict[str, Any]]
             "goal": f"tiny_mlp c={GOAL_C}: sluice on / baseline server",
             "value": tiny.get("on_over_baseline"),
             "detail": f"on {harness.fmt(tiny.get('on'), '.0f')} / baseline "
-            f"{harness.fmt(tiny.get('baseline'), '.0f')} infer/s",
+            f"{harness.fmt(tiny.get('baseline'), '.0f')} infer/s; the grpc.aio floor "
+            f"(no model at all) reaches {harness.fmt(tiny.get('floor_over_baseline'), '.2f')}"
+            "x the baseline",
         },
     ]
     bound = delay_us + LATENCY_SLACK_US
@@ -407,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the retry stabilises on mean latency instead of p99 (p99 still reported)",
     )
     p.add_argument("--pa-args", default="", help="extra perf_analyzer arguments (one string)")
-    p.add_argument("--sluice-only", action="store_true", help="skip the baseline server")
+    p.add_argument("--sluice-only", action="store_true", help="skip the baseline and floor servers")
     p.add_argument(
         "--baseline-models", default="tiny_mlp", help="models also run on the baseline server"
     )
@@ -505,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sluice = harness.sluice_server(args.repo, sluice=args.sluice)
     baseline: harness.Server | None = None
+    floor: harness.Server | None = None
     try:
         print("[batching] starting sluice ...", file=sys.stderr, flush=True)
         sluice_url = sluice.start(timeout_s=180)
@@ -518,9 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 base_url = baseline.start(timeout_s=60)
                 print(f"[batching] baseline ready at {base_url}", file=sys.stderr, flush=True)
                 variants.append(("baseline", model))
+                floor = harness.baseline_server(args.repo / model, frontend_only=True)
+                floor_url = floor.start(timeout_s=60)
+                print(f"[batching] floor ready at {floor_url}", file=sys.stderr, flush=True)
+                variants.append(("floor", model))
             for c in conc:
                 for variant, served in variants:
-                    server = baseline if variant == "baseline" else sluice
+                    server = {"baseline": baseline, "floor": floor}.get(variant, sluice)
                     assert server is not None
                     run = Run(
                         model=model,
@@ -557,12 +577,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         flush=True,
                     )
                     save()
-            if baseline is not None:
-                baseline.stop()
-                baseline = None
+            for extra in (baseline, floor):
+                if extra is not None:
+                    extra.stop()
+            baseline = floor = None
     finally:
-        if baseline is not None:
-            baseline.stop()
+        for extra in (baseline, floor):
+            if extra is not None:
+                extra.stop()
         sluice.stop()
 
     rows = comparison(runs, models, conc, ceiling)

@@ -255,7 +255,9 @@ def sluice_server(
     return Server("sluice", argv, SLUICE_READY)
 
 
-def baseline_server(model_dir: Path, *, workers: int = 1) -> Server:
+def baseline_server(model_dir: Path, *, workers: int = 1, frontend_only: bool = False) -> Server:
+    """baseline_server.py on a free port; `frontend_only` makes it the grpc.aio
+    floor (answers from a cache of outputs), named "floor"."""
     argv = [
         sys.executable,
         str(BENCH_DIR / "baseline_server.py"),
@@ -265,7 +267,9 @@ def baseline_server(model_dir: Path, *, workers: int = 1) -> Server:
         "--workers",
         str(workers),
     ]
-    return Server("baseline", argv, BASELINE_READY)
+    if frontend_only:
+        argv.append("--frontend-only")
+    return Server("floor" if frontend_only else "baseline", argv, BASELINE_READY)
 
 
 # --------------------------------------------------------------------------- statistics
