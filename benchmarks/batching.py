@@ -13,11 +13,11 @@ measured side by side, on the same machine state, by this process:
 2. Unless --skip-ceiling, runs ort_ceiling.py (in-process onnxruntime rows/s at
    batch 1/8/32/64) into results/ort_ceiling.json.
 3. Starts ``sluice serve`` on the repository (free ports) and, for tiny_mlp, the
-   baseline server (baseline_server.py) and the grpc.aio floor (the same server
-   with --frontend-only: no model run per request), as subprocesses; waits for
-   their ready lines.
+   baseline server (baseline_server.py) and the frontend-only server (the same
+   server with --frontend-only: no model run per request, grpc.aio's own limit),
+   as subprocesses; waits for their ready lines.
 4. For each model and concurrency, runs perf_analyzer back to back against
-   ``<model>`` (batching off), ``<model>_batched`` (on), the baseline and the floor, reading
+   ``<model>`` (batching off), ``<model>_batched`` (on), the baseline and frontend-only, reading
    sluice's ModelStatistics before/after each run: average batch size =
    delta inference_count / delta execution_count.
 5. Prints markdown tables (every run; the ratios the goals need) and writes
@@ -67,9 +67,9 @@ LATENCY_SLACK_US = 100  # c=1 goal: p50(on) - p50(off) <= max_queue_delay + 100 
 @dataclass
 class Run:
     model: str  # base model, e.g. wide_mlp
-    variant: str  # off | on | baseline | floor
+    variant: str  # off | on | baseline | frontend
     served: str  # name perf_analyzer asked for
-    server: str  # sluice | baseline | floor
+    server: str  # sluice | baseline | frontend
     concurrency: int
     ok: bool = False
     error: str | None = None
@@ -246,8 +246,8 @@ def comparison(
     out = []
     for model in models:
         for c in conc:
-            off, on, base, floor = (
-                _by(runs, model, v, c) for v in ("off", "on", "baseline", "floor")
+            off, on, base, front = (
+                _by(runs, model, v, c) for v in ("off", "on", "baseline", "frontend")
             )
             batch = on.avg_batch if on else None
             ceil = (
@@ -264,10 +264,10 @@ def comparison(
                     "baseline": base.throughput if base else None,
                     "on_over_off": _ratio(on and on.throughput, off and off.throughput),
                     "on_over_baseline": _ratio(on and on.throughput, base and base.throughput),
-                    "floor": floor.throughput if floor else None,
-                    "on_over_floor": _ratio(on and on.throughput, floor and floor.throughput),
-                    "floor_over_baseline": _ratio(
-                        floor and floor.throughput, base and base.throughput
+                    "frontend": front.throughput if front else None,
+                    "on_over_frontend": _ratio(on and on.throughput, front and front.throughput),
+                    "frontend_over_baseline": _ratio(
+                        front and front.throughput, base and base.throughput
                     ),
                     "avg_batch_on": batch,
                     "ceiling_at_batch": ceil,
@@ -295,8 +295,8 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
             "on/off",
             "baseline infer/s",
             "on/baseline",
-            "floor infer/s",
-            "on/floor",
+            "frontend-only infer/s",
+            "on/frontend-only",
             "avg batch (on)",
             "ORT ceiling @batch",
             "on/ceiling",
@@ -311,8 +311,8 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
                 f(r["on_over_off"], ".2f", "-"),
                 f(r["baseline"], ".0f", "-"),
                 f(r["on_over_baseline"], ".2f", "-"),
-                f(r["floor"], ".0f", "-"),
-                f(r["on_over_floor"], ".2f", "-"),
+                f(r["frontend"], ".0f", "-"),
+                f(r["on_over_frontend"], ".2f", "-"),
                 f(r["avg_batch_on"], ".2f", "-"),
                 f(r["ceiling_at_batch"], ".0f", "-"),
                 f(r["on_over_ceiling"], ".2f", "-"),
@@ -345,8 +345,8 @@ def goals(rows: Sequence[dict[str, Any]], delay_us: int) -> list[dict[str, Any]]
             "goal": f"tiny_mlp c={GOAL_C}: sluice on / baseline server",
             "value": tiny.get("on_over_baseline"),
             "detail": f"on {harness.fmt(tiny.get('on'), '.0f')} / baseline "
-            f"{harness.fmt(tiny.get('baseline'), '.0f')} infer/s; the grpc.aio floor "
-            f"(no model at all) reaches {harness.fmt(tiny.get('floor_over_baseline'), '.2f')}"
+            f"{harness.fmt(tiny.get('baseline'), '.0f')} infer/s; frontend-only "
+            f"(no model run) reaches {harness.fmt(tiny.get('frontend_over_baseline'), '.2f')}"
             "x the baseline",
         },
     ]
@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the retry stabilises on mean latency instead of p99 (p99 still reported)",
     )
     p.add_argument("--pa-args", default="", help="extra perf_analyzer arguments (one string)")
-    p.add_argument("--sluice-only", action="store_true", help="skip the baseline and floor servers")
+    p.add_argument("--sluice-only", action="store_true", help="skip the baseline servers")
     p.add_argument(
         "--baseline-models", default="tiny_mlp", help="models also run on the baseline server"
     )
@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sluice = harness.sluice_server(args.repo, sluice=args.sluice)
     baseline: harness.Server | None = None
-    floor: harness.Server | None = None
+    frontend: harness.Server | None = None
     try:
         print("[batching] starting sluice ...", file=sys.stderr, flush=True)
         sluice_url = sluice.start(timeout_s=180)
@@ -534,13 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 base_url = baseline.start(timeout_s=60)
                 print(f"[batching] baseline ready at {base_url}", file=sys.stderr, flush=True)
                 variants.append(("baseline", model))
-                floor = harness.baseline_server(args.repo / model, frontend_only=True)
-                floor_url = floor.start(timeout_s=60)
-                print(f"[batching] floor ready at {floor_url}", file=sys.stderr, flush=True)
-                variants.append(("floor", model))
+                frontend = harness.baseline_server(args.repo / model, frontend_only=True)
+                front_url = frontend.start(timeout_s=60)
+                print(f"[batching] frontend-only at {front_url}", file=sys.stderr, flush=True)
+                variants.append(("frontend", model))
             for c in conc:
                 for variant, served in variants:
-                    server = {"baseline": baseline, "floor": floor}.get(variant, sluice)
+                    server = {"baseline": baseline, "frontend": frontend}.get(variant, sluice)
                     assert server is not None
                     run = Run(
                         model=model,
@@ -577,12 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         flush=True,
                     )
                     save()
-            for extra in (baseline, floor):
+            for extra in (baseline, frontend):
                 if extra is not None:
                     extra.stop()
-            baseline = floor = None
+            baseline = frontend = None
     finally:
-        for extra in (baseline, floor):
+        for extra in (baseline, frontend):
             if extra is not None:
                 extra.stop()
         sluice.stop()

@@ -256,8 +256,8 @@ def sluice_server(
 
 
 def baseline_server(model_dir: Path, *, workers: int = 1, frontend_only: bool = False) -> Server:
-    """baseline_server.py on a free port; `frontend_only` makes it the grpc.aio
-    floor (answers from a cache of outputs), named "floor"."""
+    """baseline_server.py on a free port; `frontend_only` makes it answer from a
+    cache of outputs (grpc.aio's own limit), named "frontend"."""
     argv = [
         sys.executable,
         str(BENCH_DIR / "baseline_server.py"),
@@ -269,7 +269,7 @@ def baseline_server(model_dir: Path, *, workers: int = 1, frontend_only: bool = 
     ]
     if frontend_only:
         argv.append("--frontend-only")
-    return Server("floor" if frontend_only else "baseline", argv, BASELINE_READY)
+    return Server("frontend" if frontend_only else "baseline", argv, BASELINE_READY)
 
 
 # --------------------------------------------------------------------------- statistics

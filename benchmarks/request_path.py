@@ -7,7 +7,7 @@ Usage::
 
 Runs perf_analyzer (same settings as batching.py) against, back to back in one run:
 
-* ``floor``: baseline_server.py --frontend-only: grpc.aio answering from a cache;
+* ``frontend``: baseline_server.py --frontend-only: grpc.aio answering from a cache;
 * ``canned``: sluice, ModelInfer answers a fixed response (the gRPC server,
   servicer and statistics of sluice, nothing else);
 * ``decode``: + decoding the request into numpy arrays (codec.decode_request);
@@ -37,7 +37,7 @@ import batching
 import build_models
 import harness
 
-STAGES = ("floor", "canned", "decode", "sync_ort", "full", "baseline")
+STAGES = ("frontend", "canned", "decode", "sync_ort", "full", "baseline")
 CUT_STAGES = ("canned", "decode", "sync_ort")
 MODEL = "tiny_mlp"
 
@@ -90,7 +90,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def _server(stage: str, repo: Path) -> harness.Server:
-    if stage == "floor":
+    if stage == "frontend":
         return harness.baseline_server(repo / MODEL, frontend_only=True)
     if stage == "baseline":
         return harness.baseline_server(repo / MODEL)
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = _server(stage, args.repo)
         try:
             url = server.start(timeout_s=120)
-            served = f"{MODEL}_batched" if stage not in ("floor", "baseline") else MODEL
+            served = f"{MODEL}_batched" if stage not in ("frontend", "baseline") else MODEL
             run = batching.Run(
                 model=MODEL,
                 variant=stage,
@@ -166,13 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[request_path] {stage}: {row}", file=sys.stderr, flush=True)
 
     f = harness.fmt
-    floor = next((r["throughput"] for r in rows if r["stage"] == "floor"), None)
+    front = next((r["throughput"] for r in rows if r["stage"] == "frontend"), None)
     print(
         harness.markdown_table(
             [
                 "stage",
                 "infer/s",
-                "vs floor",
+                "vs frontend",
                 "p50 us",
                 "p99 us",
                 "server cores",
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [
                     r["stage"],
                     f(r["throughput"], ".0f", "-"),
-                    f(r["throughput"] / floor if floor and r["throughput"] else None, ".2f", "-"),
+                    f(r["throughput"] / front if front and r["throughput"] else None, ".2f", "-"),
                     f(r["p50_us"], ".0f", "-"),
                     f(r["p99_us"], ".0f", "-"),
                     f(r["server_cpu_cores"], ".2f", "-"),
