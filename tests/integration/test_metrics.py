@@ -99,6 +99,16 @@ def test_metrics_agree_with_model_statistics(traffic: tuple[ServerProcess, Sampl
     assert _get(m, "sluice_request_duration_seconds_bucket", phase="request", le="+Inf") == GOOD
 
 
+def test_phases_fit_inside_each_request(traffic: tuple[ServerProcess, Samples, dict]) -> None:
+    # Triton's reading: queue + compute phases never exceed the request's time;
+    # the rest (decode, the hop back to the event loop, encode) is overhead.
+    _, _, stats = traffic
+    inf = stats["inference_stats"]
+    phases = ("queue", "compute_input", "compute_infer", "compute_output")
+    assert all(int(inf[p]["count"]) == GOOD for p in phases)
+    assert sum(int(inf[p]["ns"]) for p in phases) <= int(inf["success"]["ns"])
+
+
 def test_cost_follows_the_documented_model(traffic: tuple[ServerProcess, Samples, dict]) -> None:
     _, m, stats = traffic
     # One instance gets every core as intra-op threads, so CPU share = compute time:

@@ -44,6 +44,7 @@ class ScheduledResult:
     queue_ns: int
     compute_input_ns: int
     compute_infer_ns: int
+    compute_output_ns: int  # splitting the batch's outputs (Triton's output copy)
     batch_size: int
 
 
@@ -64,6 +65,7 @@ class _BatchOutcome:
     compute_start_ns: int
     infer_start_ns: int
     infer_end_ns: int
+    outputs_ready_ns: int  # the batch's outputs split per request, before the hop to the loop
     # The batch's contiguous inputs and the model's outputs, for the drift
     # monitor (which runs after the outcome was posted).
     feeds: dict[str, Array] | None = None
@@ -165,14 +167,13 @@ class Scheduler:
             self._next_sequence += 1
 
     def _resolve(self, o: _BatchOutcome) -> None:
-        done_ns = _core.monotonic_ns()
         batch = o.batch
         if o.error is None:
             self._stats.record_execution(
                 batch_size=int(batch.total_rows),
                 compute_input_ns=o.infer_start_ns - o.compute_start_ns,
                 compute_infer_ns=o.infer_end_ns - o.infer_start_ns,
-                compute_output_ns=done_ns - o.infer_end_ns,
+                compute_output_ns=o.outputs_ready_ns - o.infer_end_ns,
                 threads=self._runtime.intra_op_threads,
             )
         for i, (ticket_id, ticket) in enumerate(zip(batch.ids, o.tickets, strict=True)):
@@ -189,6 +190,7 @@ class Scheduler:
                     queue_ns=int(batch.formed_ns) - int(batch.enqueued_ns[i]),
                     compute_input_ns=o.infer_start_ns - o.compute_start_ns,
                     compute_infer_ns=o.infer_end_ns - o.infer_start_ns,
+                    compute_output_ns=o.outputs_ready_ns - o.infer_end_ns,
                     batch_size=int(batch.total_rows),
                 )
             )
@@ -254,7 +256,16 @@ class Scheduler:
         if error is not None:
             results = None
         return _BatchOutcome(
-            batch, tickets, outputs, error, compute_start, infer_start, infer_end, feeds, results
+            batch,
+            tickets,
+            outputs,
+            error,
+            compute_start,
+            infer_start,
+            infer_end,
+            _core.monotonic_ns(),
+            feeds,
+            results,
         )
 
     def _gather(self, tickets: list[_Ticket], total_rows: int) -> dict[str, Array]:
