@@ -2,9 +2,11 @@
 
 Flow: `submit` (event loop) enqueues a ticket id in the core batcher and awaits
 a Future. Instance worker threads block in `next_batch()` with the GIL
-released, gather the batch's inputs into contiguous buffers (C++ memcpy,
-no GIL), run onnxruntime (no GIL), split outputs into per-request views, and
-resolve the whole batch with ONE `call_soon_threadsafe`.
+released, gather the batch's inputs into contiguous buffers (C++ memcpy; the
+GIL is released only for copies of 256 KiB or more, since getting it back from a
+busy event loop costs more than a small copy), run onnxruntime (no GIL), split
+outputs into per-request views, and resolve the whole batch with ONE
+`call_soon_threadsafe`.
 
 Exactly once: every accepted ticket is answered once: by its batch's result
 or error, by expiry (timeout) or by cancellation, including while stopping,
