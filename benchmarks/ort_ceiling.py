@@ -1,7 +1,7 @@
 """In-process onnxruntime ceiling: what a serving stack could reach with zero overhead.
 
 Usage: ``python benchmarks/ort_ceiling.py [--repo DIR] [--models tiny_mlp,wide_mlp,cnn]
-[--batches 1,8,32,64] [--seconds 2] [--threads 1] [--quick] [--out FILE]``
+[--batches 1,8,32,64] [--seconds 2] [--threads 1] [--quick] [--evict-kib N] [--out FILE]``
 
 For each model (read from ``DIR/<model>/1/model.onnx``; the repository is built
 with build_models.py defaults when missing) and each batch size, runs
@@ -10,6 +10,12 @@ options (``intra_op_num_threads`` = --threads, ``session.intra_op.allow_spinning
 = "0", graph optimizations on) and reports rows/s, calls/s and the
 per-call latency (mean, p50, p99). Prints a markdown table and writes JSON
 (default benchmarks/results/ort_ceiling.json) that batching.py interpolates.
+
+``--evict-kib N`` writes N KiB of a scratch buffer between calls (not timed), so
+every call starts with the model pushed out of the core's private caches, as in
+a server whose frontend runs between batches. Those results go to
+``results/ort_ceiling-evict<N>k.json`` unless --out says otherwise, so they never
+replace the ceiling batching.py reads.
 """
 
 from __future__ import annotations
@@ -48,8 +54,11 @@ def feeds(sess: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np
     return out
 
 
-def measure(sess: ort.InferenceSession, batch: int, seconds: float) -> dict[str, float]:
+def measure(
+    sess: ort.InferenceSession, batch: int, seconds: float, evict_kib: int = 0
+) -> dict[str, float]:
     x = feeds(sess, batch)
+    scratch = np.zeros(evict_kib << 10, dtype=np.uint8)
     warm_until = time.perf_counter() + min(0.2, seconds / 4)
     while time.perf_counter() < warm_until:
         sess.run(None, x)
@@ -58,11 +67,15 @@ def measure(sess: ort.InferenceSession, batch: int, seconds: float) -> dict[str,
     end = start + seconds
     now = start
     while now < end:
+        if evict_kib:
+            scratch += 1
+            now = time.perf_counter()
         t0 = now
         sess.run(None, x)
         now = time.perf_counter()
         times.append(now - t0)
-    elapsed = now - start
+    # With eviction, the writes between calls are not the model's cost.
+    elapsed = sum(times) if evict_kib else now - start
     times.sort()
     calls = len(times)
     return {
@@ -78,7 +91,12 @@ def measure(sess: ort.InferenceSession, batch: int, seconds: float) -> dict[str,
 
 
 def run(
-    repo: Path, models: Sequence[str], batches: Sequence[int], seconds: float, threads: int
+    repo: Path,
+    models: Sequence[str],
+    batches: Sequence[int],
+    seconds: float,
+    threads: int,
+    evict_kib: int = 0,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "kind": "ort_ceiling",
@@ -88,6 +106,7 @@ def run(
         "intra_op_threads": threads,
         "allow_spinning": "0",
         "seconds_per_point": seconds,
+        "evict_kib": evict_kib,
         "repo": harness.rel(repo),
         "models": {},
     }
@@ -96,7 +115,7 @@ def run(
         sess = session(path, threads)
         points = []
         for batch in batches:
-            p = measure(sess, batch, seconds)
+            p = measure(sess, batch, seconds, evict_kib)
             points.append(p)
             print(
                 f"  {model} b={batch}: {p['rows_per_s']:.0f} rows/s, {p['mean_ms']:.3f} ms/call",
@@ -149,22 +168,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="duration per point")
     parser.add_argument("--threads", type=int, default=1, help="intra_op_num_threads")
     parser.add_argument("--quick", action="store_true", help="0.5 s per point")
-    parser.add_argument("--out", type=Path, default=harness.CEILING_JSON)
+    parser.add_argument(
+        "--evict-kib", type=int, default=0, help="KiB written between calls (cold caches)"
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batches.split(",") if b]
     seconds = 0.5 if args.quick else args.seconds
     ensure_repo(args.repo)
-    result = run(args.repo, models, batches, seconds, args.threads)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(harness.to_json(result), encoding="utf-8")
+    result = run(args.repo, models, batches, seconds, args.threads, args.evict_kib)
+    out = args.out or (
+        harness.RESULTS_DIR / f"ort_ceiling-evict{args.evict_kib}k.json"
+        if args.evict_kib
+        else harness.CEILING_JSON
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(harness.to_json(result), encoding="utf-8")
     print(
         f"\nonnxruntime {result['onnxruntime']}, intra_op_num_threads={args.threads}, "
-        f"{seconds:g} s per point, {result['machine']['cpu']} "
+        f"{seconds:g} s per point, {args.evict_kib} KiB evicted between calls, "
+        f"{result['machine']['cpu']} "
         f"({result['machine']['cores']} cores)\n"
     )
     print(table(result))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {harness.rel(out)}")
     return 0
 
 
