@@ -160,29 +160,30 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
             results = await loop.run_in_executor(self.executor, self.session.run, wanted, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        response = pb.ModelInferResponse(model_name=self.name, model_version=VERSION, id=request.id)
-        for name, arr in zip(wanted, results, strict=True):
-            arr = np.ascontiguousarray(arr)
-            response.outputs.add(name=name, datatype=self.out_types[name], shape=list(arr.shape))
-            response.raw_output_contents.append(arr.tobytes())
-        return response
+        return self._response(request, _encode(wanted, results))
 
     def _cached(self, request: Any, wanted: list[str], feeds: dict[str, Any]) -> Any:
         assert self.cache is not None
         key = (tuple(wanted), *((n, a.shape) for n, a in sorted(feeds.items())))
         encoded = self.cache.get(key)
         if encoded is None:
-            results = self.session.run(wanted, feeds)
-            encoded = [
-                (name, list(arr.shape), np.ascontiguousarray(arr).tobytes())
-                for name, arr in zip(wanted, results, strict=True)
-            ]
-            self.cache[key] = encoded
+            encoded = self.cache[key] = _encode(wanted, self.session.run(wanted, feeds))
+        return self._response(request, encoded)
+
+    def _response(self, request: Any, encoded: list[tuple[str, list[int], bytes]]) -> Any:
         response = pb.ModelInferResponse(model_name=self.name, model_version=VERSION, id=request.id)
         for name, shape, raw in encoded:
             response.outputs.add(name=name, datatype=self.out_types[name], shape=shape)
             response.raw_output_contents.append(raw)
         return response
+
+
+def _encode(names: list[str], arrays: Sequence[Any]) -> list[tuple[str, list[int], bytes]]:
+    """(name, shape, raw bytes) of each output."""
+    return [
+        (name, list(arr.shape), np.ascontiguousarray(arr).tobytes())
+        for name, arr in zip(names, arrays, strict=True)
+    ]
 
 
 async def serve(args: argparse.Namespace) -> None:

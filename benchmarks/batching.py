@@ -62,6 +62,10 @@ QUICK_CONCURRENCY = (1, 32)
 UNSTABLE = "Failed to obtain stable measurement"
 GOAL_C = 32  # the concurrency the throughput goals are stated at
 LATENCY_SLACK_US = 100  # c=1 goal: p50(on) - p50(off) <= max_queue_delay + 100 us
+# perf_analyzer defaults (request_path.py uses the same)
+STABILITY_PCT = 10
+RETRY_STABILITY_PCT = 25
+MAX_TRIALS = 10
 
 
 @dataclass
@@ -412,9 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", help=f"comma list (default {','.join(DEFAULT_MODELS)})")
     p.add_argument("--concurrency", help="comma list (default 1,8,32,64)")
     p.add_argument("--measurement-interval", type=int, help="ms per window (default 3000)")
-    p.add_argument("--max-trials", type=int, help="perf_analyzer -r (default 10; quick 6)")
-    p.add_argument("--stability-pct", type=int, default=10, help="perf_analyzer -s")
-    p.add_argument("--retry-stability-pct", type=int, default=25, help="-s of the one retry")
+    p.add_argument(
+        "--max-trials", type=int, help=f"perf_analyzer -r (default {MAX_TRIALS}; quick 6)"
+    )
+    p.add_argument("--stability-pct", type=int, default=STABILITY_PCT, help="perf_analyzer -s")
+    p.add_argument(
+        "--retry-stability-pct", type=int, default=RETRY_STABILITY_PCT, help="-s of the one retry"
+    )
     p.add_argument(
         "--retry-on-mean",
         action=argparse.BooleanOptionalAction,
@@ -455,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.measurement_interval is None:
         args.measurement_interval = 1000 if args.quick else 3000
     if args.max_trials is None:
-        args.max_trials = 6 if args.quick else 10
+        args.max_trials = 6 if args.quick else MAX_TRIALS
     max_minutes = args.max_minutes or (2.75 if args.quick else 45.0)
     started = time.monotonic()
     deadline = started + 60 * max_minutes

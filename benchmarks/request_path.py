@@ -120,11 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_build:
         build_models.build(args.repo)
     pa_args = argparse.Namespace(
-        stability_pct=10,
-        retry_stability_pct=25,
+        stability_pct=batching.STABILITY_PCT,
+        retry_stability_pct=batching.RETRY_STABILITY_PCT,
         retry_on_mean=True,
         measurement_interval=args.measurement_interval,
-        max_trials=10,
+        max_trials=batching.MAX_TRIALS,
         pa_args="",
     )
     deadline = time.monotonic() + 30 * 60
