@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
     serve.add_argument(
-        "--http-port", type=int, default=8002, help="metrics and health; 0 = free port"
+        "--http-port", type=int, default=8002, help="KServe v2 REST and /metrics; 0 = free port"
     )
     serve.add_argument(
         "--grace-seconds",

@@ -27,8 +27,8 @@ from sluice.repository import SwapPolicy
 from sluice.runtime import RuntimeOptions
 from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
-from sluice.server.http import HttpEndpoint
 from sluice.server.inference import InferenceServicer
+from sluice.server.rest import RestLimits, RestServer
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,15 @@ class SluiceServer:
             if options.allow_metrics
             else None
         )
-        self._http = HttpEndpoint(options.host, options.http_port, registry, self.is_ready)
-        self.http_port = self._http.port
+        # KServe v2 REST and /metrics on the HTTP port, on this same event loop.
+        self._rest = RestServer(
+            self.dataplane,
+            options.host,
+            options.http_port,
+            registry,
+            RestLimits(max_body_bytes=limit),
+        )
+        self.http_port = self._rest.port
 
     def is_ready(self) -> bool:
         return self._ready
@@ -152,7 +159,7 @@ class SluiceServer:
         """Listens first (live, not ready), loads the repository, then turns ready."""
         await self._set_health()
         await self._grpc.start()
-        self._http.start()
+        await self._rest.start()
         log.info(
             "listening: grpc %s:%d, http %s:%d",
             self.options.host,
@@ -183,19 +190,19 @@ class SluiceServer:
 
     async def stop(self) -> None:
         """Stops in order: not ready; refuse new RPCs; let accepted ones finish
-        within the grace period; unload models; close HTTP."""
+        (gRPC and REST) within the grace period; unload models."""
         self._ready = False
         if self._poller is not None:
             self._poller.cancel()
         await self._health.enter_graceful_shutdown()
-        await self._grpc.stop(self.options.grace_seconds)
+        grace = self.options.grace_seconds
+        await asyncio.gather(self._grpc.stop(grace), self._rest.stop(grace))
         await self.models.unload_all()
-        self._http.stop()
 
     def ready_banner(self) -> str:
         lines = [
             f"sluice {sluice.__version__} ready: grpc {self.options.host}:{self.grpc_port}, "
-            f"http {self.options.host}:{self.http_port} (/metrics, /v2/health/ready)",
+            f"http {self.options.host}:{self.http_port} (KServe v2 REST, /metrics)",
             f"model repository: {self.options.model_repository}",
         ]
         for name, model in sorted(self.models.models.items()):

@@ -42,7 +42,7 @@ def _param_value(p: pb.InferParameter) -> Any:
 _MAX_ELEMENTS = 1 << 31
 
 
-def _element_count(shape: tuple[int, ...], where: str) -> int:
+def element_count(shape: tuple[int, ...], where: str) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(f"{where} has a negative dim in shape {list(shape)}")
     count = math.prod(shape)  # Python ints: no silent int64 wrap-around
@@ -51,8 +51,10 @@ def _element_count(shape: tuple[int, ...], where: str) -> int:
     return count
 
 
-def _decode_raw(raw: bytes, dt: datatypes.DataType, shape: tuple[int, ...], where: str) -> Any:
-    count = _element_count(shape, where)
+def decode_raw(
+    raw: bytes | memoryview, dt: datatypes.DataType, shape: tuple[int, ...], where: str
+) -> Any:
+    count = element_count(shape, where)
     if dt.is_bytes:
         # onnxruntime string tensors take str; the core validates the UTF-8.
         try:
@@ -76,7 +78,7 @@ def _decode_typed(
     tensor: pb.ModelInferRequest.InferInputTensor, dt: datatypes.DataType, where: str
 ) -> Any:
     shape = tuple(tensor.shape)
-    count = _element_count(shape, where)
+    count = element_count(shape, where)
     field = _CONTENTS_FIELD.get(dt.wire)
     if field is None:
         raise InvalidArgumentError(
@@ -127,7 +129,7 @@ def decode_request(msg: pb.ModelInferRequest, received_ns: int) -> InferRequest:
                 raise InvalidArgumentError(
                     f"{where} sets contents while the request uses raw_input_contents"
                 )
-            data = _decode_raw(raw[i], dt, shape, where)
+            data = decode_raw(raw[i], dt, shape, where)
         else:
             data = _decode_typed(t, dt, where)
         inputs.append(InferInput(t.name, dt.wire, shape, data))
@@ -142,7 +144,7 @@ def decode_request(msg: pb.ModelInferRequest, received_ns: int) -> InferRequest:
     )
 
 
-def _raw_bytes(out: InferOutput) -> bytes:
+def raw_bytes(out: InferOutput) -> bytes:
     if out.datatype == "BYTES":
         return _core.encode_bytes_tensor(out.data.reshape(-1).tolist())
     # tobytes() on a C-contiguous little-endian array is one memcpy.
@@ -168,7 +170,7 @@ def encode_response(resp: InferResponse, raw: bool) -> pb.ModelInferResponse:
     for out in resp.outputs:
         tensor = msg.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.shape))
         if use_raw:
-            msg.raw_output_contents.append(_raw_bytes(out))
+            msg.raw_output_contents.append(raw_bytes(out))
         else:
             _fill_typed(tensor, out)
     return msg

@@ -8,13 +8,19 @@ from typing import Any
 import grpc
 
 from sluice.errors import InvalidArgumentError
-from sluice.host.dataplane import DataPlane, DriftReport, FeedbackLabel, RolloutChange
+from sluice.host.dataplane import (
+    DataPlane,
+    DriftReport,
+    FeedbackLabel,
+    FeedbackResult,
+    RolloutChange,
+)
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 from sluice.repository.registry import Canary, Labels, LabelsError, Shadow
 
 
-def _rollout(name: str, labels: Labels) -> spb.Rollout:
+def rollout_message(name: str, labels: Labels) -> spb.Rollout:
     out = spb.Rollout(model_name=name, stable_version=labels.stable or 0)
     if labels.canary is not None:
         c = labels.canary
@@ -82,6 +88,31 @@ def drift_report(r: DriftReport) -> spb.DriftReportResponse:
     return out
 
 
+def rollout_change(request: spb.SetRolloutRequest) -> RolloutChange:
+    """The data plane's form of a SetRollout request (shared by gRPC and REST)."""
+    try:
+        return RolloutChange(
+            stable_version=request.stable_version or None,
+            canary=Canary(request.canary.version, request.canary.weight, request.canary.sticky)
+            if request.HasField("canary")
+            else None,
+            clear_canary=request.clear_canary,
+            shadow=Shadow(request.shadow.version, request.shadow.sample)
+            if request.HasField("shadow")
+            else None,
+            clear_shadow=request.clear_shadow,
+        )
+    except LabelsError as exc:
+        raise InvalidArgumentError(f"rollout for '{request.model_name}': {exc}") from None
+
+
+def feedback_message(result: FeedbackResult) -> spb.FeedbackResponse:
+    out = spb.FeedbackResponse(matched=result.matched, unknown=result.unknown)
+    if result.quality is not None:
+        out.quality.CopyFrom(_quality(result.quality))
+    return out
+
+
 class SluiceServicer(spb_grpc.SluiceServiceServicer):
     """Thin: decode -> DataPlane -> encode; errors leave through server/edge.py."""
 
@@ -92,27 +123,13 @@ class SluiceServicer(spb_grpc.SluiceServiceServicer):
         self, request: spb.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> spb.Rollout:
         labels = await self._dp.get_rollout(request.model_name)
-        return _rollout(request.model_name, labels)
+        return rollout_message(request.model_name, labels)
 
     async def SetRollout(
         self, request: spb.SetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> spb.Rollout:
-        try:
-            change = RolloutChange(
-                stable_version=request.stable_version or None,
-                canary=Canary(request.canary.version, request.canary.weight, request.canary.sticky)
-                if request.HasField("canary")
-                else None,
-                clear_canary=request.clear_canary,
-                shadow=Shadow(request.shadow.version, request.shadow.sample)
-                if request.HasField("shadow")
-                else None,
-                clear_shadow=request.clear_shadow,
-            )
-        except LabelsError as exc:
-            raise InvalidArgumentError(f"rollout for '{request.model_name}': {exc}") from None
-        labels = await self._dp.set_rollout(request.model_name, change)
-        return _rollout(request.model_name, labels)
+        labels = await self._dp.set_rollout(request.model_name, rollout_change(request))
+        return rollout_message(request.model_name, labels)
 
     async def DriftReport(
         self, request: spb.DriftReportRequest, context: grpc.aio.ServicerContext
@@ -123,8 +140,4 @@ class SluiceServicer(spb_grpc.SluiceServiceServicer):
         self, request: spb.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> spb.FeedbackResponse:
         labels = [FeedbackLabel(x.request_id, tuple(x.values)) for x in request.labels]
-        result = self._dp.feedback(request.model_name, request.version, labels)
-        out = spb.FeedbackResponse(matched=result.matched, unknown=result.unknown)
-        if result.quality is not None:
-            out.quality.CopyFrom(_quality(result.quality))
-        return out
+        return feedback_message(self._dp.feedback(request.model_name, request.version, labels))

@@ -59,7 +59,7 @@ def _duration(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def _model_statistics(name: str, version: str, s: InferStats) -> pb.ModelStatistics:
+def statistics_message(name: str, version: str, s: InferStats) -> pb.ModelStatistics:
     out = pb.ModelStatistics(
         name=name,
         version=version,
@@ -134,7 +134,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         versions = self._dp.model_statistics(request.name, request.version)
         return pb.ModelStatisticsResponse(
-            model_stats=[_model_statistics(v.name, v.version, v.stats) for v in versions]
+            model_stats=[statistics_message(v.name, v.version, v.stats) for v in versions]
         )
 
     # ---- repository (Triton's model_repository extension) -----------------------
