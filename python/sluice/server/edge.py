@@ -147,9 +147,42 @@ class ErrorEdge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler
-        wrapped = _wrap(handler)
+        wrapped = _unimplemented(method, handler) or _wrap(handler)
         self._cache[method] = wrapped
         return wrapped
+
+
+def _unimplemented(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
+    """For an RPC sluice does not implement (the generated base class's default,
+    which raises NotImplementedError and so logs a traceback per call): a handler
+    that answers UNIMPLEMENTED quietly. None for an implemented RPC."""
+    behavior = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
+    if not getattr(behavior, "__module__", "").endswith("_pb2_grpc"):
+        return None
+    message = f"{method} is not implemented by sluice"
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+        yield  # pragma: no cover - abort raises
+
+    deserialize = _safe(h.request_deserializer)
+    serialize = h.response_serializer
+    if h.unary_unary is not None:
+        make = grpc.unary_unary_rpc_method_handler
+    elif h.stream_unary is not None:
+        make = grpc.stream_unary_rpc_method_handler
+    elif h.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            refuse_stream, request_deserializer=deserialize, response_serializer=serialize
+        )
+    else:
+        return grpc.stream_stream_rpc_method_handler(
+            refuse_stream, request_deserializer=deserialize, response_serializer=serialize
+        )
+    return make(refuse, request_deserializer=deserialize, response_serializer=serialize)
 
 
 def _wrap(h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
