@@ -3,7 +3,14 @@ quietly, /metrics passes promtool, readiness follows --strict-readiness."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import urllib.request
+
 import grpc
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ServerProcess
@@ -34,3 +41,41 @@ def test_unimplemented_rpcs_answer_unimplemented_without_a_traceback(
         client.close()
     assert "Traceback" not in example_server.log
     assert "NotImplementedError" not in example_server.log
+
+
+# What promtool's linter says of Triton's own metric names, which sluice keeps so
+# that Triton's dashboards work unchanged; anything else it reports is a defect.
+TRITON_NAME_LINTS = (
+    re.compile(r"^nv_\w+_duration_us metric names should not contain abbreviated units$"),
+    re.compile(
+        r'^nv_\w+_count non-histogram and non-summary metrics should not have "_count" suffix$'
+    ),
+)
+
+
+def test_metrics_pass_promtool_but_for_triton_names(example_server: ServerProcess) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing in CI (.ci/run installs Debian's prometheus)")
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    client = grpcclient.InferenceServerClient(example_server.url)
+    try:
+        x = grpcclient.InferInput("features", [1, 8], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 8), np.float32))
+        client.infer("tabular_classifier", [x])  # so every per-model series exists
+    finally:
+        client.close()
+    url = f"http://127.0.0.1:{example_server.http_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read()
+    assert b"# HELP nv_inference_count " in text
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, timeout=60
+    )
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).decode().splitlines()
+        if line.strip() and not any(p.match(line.strip()) for p in TRITON_NAME_LINTS)
+    ]
+    assert result.returncode in (0, 3), result  # 3: lint findings only, no parse error
+    assert not problems, "\n".join(problems)

@@ -54,12 +54,14 @@ _US = 1_000
 
 
 class _TritonCounter(Metric):
-    """A counter named exactly as Triton names it. prometheus_client adds
-    `_total` to a CounterMetricFamily's samples; Triton's dashboards query
-    `nv_inference_count`, not `nv_inference_count_total`."""
+    """A counter named exactly as Triton names it: Triton's dashboards query
+    `nv_inference_count`, not `nv_inference_count_total`. It is exposed as
+    untyped: prometheus_client writes a counter's HELP and TYPE lines as
+    `<name>_total` whatever its samples are called, which left these samples
+    with no HELP (promtool) and broke OpenMetrics' counter naming rule."""
 
     def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
-        super().__init__(name, documentation, "counter")
+        super().__init__(name, documentation, "unknown")
         self._label_names = labels
 
     def add(self, values: list[str], value: float) -> None:
