@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         load_models=tuple(args.load_model),
         swap_policy=SwapPolicy(args.swap_policy),
         allow_metrics=args.allow_metrics == "true",
+        strict_readiness=args.strict_readiness == "true",
         cost=CostModel(
             usd_per_hour=args.cost_per_hour,
             usd_per_gpu_hour=args.cost_per_gpu_hour,
@@ -236,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where batches run: 'thread' (worker threads in the server process) or "
         "'process' (one child process per model instance: execution leaves the server's "
         "GIL and a crash fails only its batch); a model's 'executor' parameter overrides it",
+    )
+    serve.add_argument(
+        "--strict-readiness",
+        choices=("true", "false"),
+        default="true",
+        help="true (Triton's default): not ready while a model that should load is "
+        "unavailable; false: ready once the start-up load has run",
     )
     serve.add_argument(
         "--allow-metrics",

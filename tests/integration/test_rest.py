@@ -197,7 +197,8 @@ def _client_error(call: Callable[[], object], status: int, *fragments: str) -> s
 
 def test_health_and_server_metadata(client: httpclient.InferenceServerClient) -> None:
     assert client.is_server_live()
-    assert client.is_server_ready()
+    # Strict readiness (the default): 'broken' should load and has not.
+    assert not client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta["name"] == "sluice"
     assert "model_repository" in meta["extensions"]
@@ -386,7 +387,8 @@ def test_aio_client_concurrent_infers(server: ServerProcess) -> None:
     async def run() -> list[np.ndarray[Any, Any]]:
         c = aiohttpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
         try:
-            assert await c.is_server_ready()
+            assert await c.is_server_live()
+            assert await c.is_model_ready("tabular_classifier")
 
             async def one(i: int) -> np.ndarray[Any, Any]:
                 inp = aiohttpclient.InferInput("features", [1, 8], "FP32")

@@ -7,7 +7,10 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,6 +18,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import ServerProcess
 from tritonclient.utils import InferenceServerException
+
+EXAMPLE_MODELS = Path(__file__).resolve().parents[2] / "python" / "sluice" / "examples" / "models"
 
 
 @pytest.mark.parametrize(
@@ -79,3 +84,72 @@ def test_metrics_pass_promtool_but_for_triton_names(example_server: ServerProces
     ]
     assert result.returncode in (0, 3), result  # 3: lint findings only, no parse error
     assert not problems, "\n".join(problems)
+
+
+# ---- strict readiness ---------------------------------------------------------------------
+
+
+def _repository_with_a_broken_model(root: Path) -> Path:
+    shutil.copytree(EXAMPLE_MODELS / "tabular_classifier", root / "tabular_classifier")
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    return root
+
+
+def _ready(server: ServerProcess) -> tuple[int, bool]:
+    """(HTTP status of /v2/health/ready, gRPC ServerReady)."""
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.http_port}/v2/health/ready", timeout=10
+        ) as reply:
+            status = reply.status
+    except urllib.error.HTTPError as exc:
+        with exc:
+            status = exc.code
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        return status, bool(client.is_server_ready())
+    finally:
+        client.close()
+
+
+def test_strict_readiness_waits_for_every_model_that_should_load(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(_repository_with_a_broken_model(tmp_path))
+    assert _ready(server) == (503, False)
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        assert client.is_server_live()
+        assert client.is_model_ready("tabular_classifier")  # the rest still serves
+    finally:
+        client.close()
+
+
+def test_strict_readiness_ignores_an_explicitly_unloaded_model(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(
+        _repository_with_a_broken_model(tmp_path),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "tabular_classifier",
+    )
+    assert _ready(server) == (200, True)
+    client = grpcclient.InferenceServerClient(server.url)
+    try:
+        with pytest.raises(InferenceServerException):
+            client.load_model("broken")
+        assert _ready(server) == (503, False)  # asked for, and unavailable
+        client.unload_model("broken")
+        assert _ready(server) == (200, True)  # no longer asked for
+    finally:
+        client.close()
+
+
+def test_readiness_not_strict_keeps_the_old_behaviour(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(_repository_with_a_broken_model(tmp_path), "--strict-readiness", "false")
+    assert _ready(server) == (200, True)

@@ -93,6 +93,9 @@ class Model:
     failed_reloads: dict[int, str] = dataclasses.field(default_factory=dict)
     labels: Labels = dataclasses.field(default_factory=Labels)
     guard: CanaryGuard | None = None  # set while a canary is live
+    # The repository or an explicit load asks for this model (False once it is
+    # unloaded or removed): strict readiness waits for every wanted model.
+    wanted: bool = True
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.ready]
@@ -213,6 +216,7 @@ class ModelManager:
     async def _reconcile(self, aspired: AspiredModel, retry_failed: bool = False) -> None:
         model = self.models.setdefault(aspired.name, Model(aspired.name, aspired.directory))
         model.directory = aspired.directory
+        model.wanted = True
         if aspired.reason:
             model.reason = aspired.reason
             serving = model.ready_versions()
@@ -310,6 +314,7 @@ class ModelManager:
             await self._retire(model.versions.pop(v), why)
         model.failed_reloads.clear()
         model.reason = why
+        model.wanted = False
 
     def _load_version(
         self, model: Model, mv: ModelVersion, loop: asyncio.AbstractEventLoop
@@ -432,6 +437,10 @@ class ModelManager:
     def route(self, name: str, version: str, request_id: str) -> Route:
         """The version a request goes to, with a lease on it (see Route)."""
         return self.router.route(self.model(name), version, request_id, self.resolve)
+
+    def unavailable(self) -> list[str]:
+        """Models that should serve and have no ready version (strict readiness)."""
+        return [n for n, m in self.models.items() if m.wanted and not m.ready_versions()]
 
     # ---- index -----------------------------------------------------------------
 

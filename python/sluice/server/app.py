@@ -58,6 +58,9 @@ class ServerOptions:
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
     # (ModelStatistics counters stay: the protocol needs them).
     allow_metrics: bool = True
+    # Triton's --strict-readiness: ready only while every model that should load
+    # has a ready version; False: ready once the start-up load has run.
+    strict_readiness: bool = True
 
 
 class SluiceServer:
@@ -119,7 +122,9 @@ class SluiceServer:
         self.http_port = self._rest.port
 
     def is_ready(self) -> bool:
-        return self._ready
+        if not self._ready:
+            return False
+        return not (self.options.strict_readiness and self.models.unavailable())
 
     def _version_views(self) -> Iterator[VersionView]:
         for m in list(self.models.models.values()):
@@ -141,7 +146,7 @@ class SluiceServer:
     async def _set_health(self) -> None:
         overall = (
             health_pb2.HealthCheckResponse.SERVING
-            if self._ready
+            if self.is_ready()
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await self._health.set("", overall)
