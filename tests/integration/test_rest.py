@@ -579,6 +579,17 @@ def test_repository_index_load_and_unload(client: httpclient.InferenceServerClie
         400,
         "not a valid JSON ModelConfig",
     )
+    # An override the model cannot load with is an error, and the loaded one keeps serving.
+    rejected = dict(override, input=[{"name": "x", "data_type": "TYPE_INT32", "dims": [16]}])
+    _client_error(
+        lambda: client.load_model("mlp_small_queue", config=json.dumps(rejected)),
+        503,
+        "failed to load 'mlp_small_queue'",
+        "keep serving",
+    )
+    assert client.get_model_config("mlp_small_queue")["max_batch_size"] == 2
+    x = _input("x", np.zeros((1, 16), np.float32), "FP32", True)
+    assert client.infer("mlp_small_queue", [x]).as_numpy("y").shape == (1, 4)
     client.load_model("mlp_small_queue")  # back to its own config file
     assert client.get_model_config("mlp_small_queue")["max_batch_size"] == 4
     _client_error(lambda: client.load_model("../etc"), 404)

@@ -184,11 +184,17 @@ class ModelManager:
             raise NotFoundError(f"no model folder '{name}' in {self.repository}")
         async with self._lock:
             aspired = await asyncio.to_thread(read_aspired, self.repository, name, override)
-            await self._reconcile(aspired, retry_failed=True)
+            failures = await self._reconcile(aspired, retry_failed=True)
         await self._changed()
         model = self.models[name]
         if not model.ready_versions():
             raise UnavailableError(f"failed to load '{name}': {model.unavailable_reason()}")
+        if failures:
+            # Something serves, but not everything that was asked for loaded.
+            serving = ", ".join(str(v.version) for v in model.ready_versions())
+            raise UnavailableError(
+                f"failed to load '{name}': {'; '.join(failures)}; version(s) {serving} keep serving"
+            )
 
     async def unload(self, name: str) -> None:
         """Explicit unload: every version drains and is released."""
@@ -213,7 +219,9 @@ class ModelManager:
 
     # ---- reconciliation ------------------------------------------------------
 
-    async def _reconcile(self, aspired: AspiredModel, retry_failed: bool = False) -> None:
+    async def _reconcile(self, aspired: AspiredModel, retry_failed: bool = False) -> list[str]:
+        """Moves one model toward `aspired`; returns why the parts of it that
+        did not load failed (empty when all of it loaded)."""
         model = self.models.setdefault(aspired.name, Model(aspired.name, aspired.directory))
         model.directory = aspired.directory
         model.wanted = True
@@ -229,7 +237,7 @@ class ModelManager:
                 )
             else:
                 log.error("model '%s' is unavailable: %s", model.name, aspired.reason)
-            return
+            return [aspired.reason]
         model.reason = ""
         model.config = aspired.config
         self._apply_labels(model, aspired.labels)
@@ -242,9 +250,12 @@ class ModelManager:
             if v not in live or live[v].fingerprint != fp or (retry_failed and not live[v].ready)
         ]
         to_unload = [v for v in live if v not in aspired.versions]
+        failures: list[str] = []
         for step, v in order(self.swap_policy, to_load, to_unload):
             if step == "load":
-                await self._load_and_swap(model, v, aspired)
+                failed = await self._load_and_swap(model, v, aspired)
+                if failed:
+                    failures.append(f"version {v}: {failed}")
                 continue
             keeps_service = any(live[a].ready for a in aspired.versions if a in live)
             if self.swap_policy is SwapPolicy.AVAILABILITY and live[v].ready and not keeps_service:
@@ -258,8 +269,10 @@ class ModelManager:
                 )
                 continue
             await self._retire(live.pop(v), "no longer in the version policy")
+        return failures
 
-    async def _load_and_swap(self, model: Model, version: int, aspired: AspiredModel) -> None:
+    async def _load_and_swap(self, model: Model, version: int, aspired: AspiredModel) -> str:
+        """Loads one version and swaps it in; returns why it failed, or ""."""
         config = mc.ModelConfig()
         config.CopyFrom(aspired.config)
         new = ModelVersion(
@@ -293,6 +306,8 @@ class ModelManager:
             )
         if new.ready:
             model.failed_reloads.pop(version, None)
+            return ""
+        return new.reason
 
     async def _retire(self, mv: ModelVersion, why: str) -> None:
         """Out of routing first, then drain what it accepted, then release."""
