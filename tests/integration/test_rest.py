@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -707,3 +708,39 @@ def test_perf_analyzer_http_completes_without_errors(
         if "error" in line.lower() and "stable measurement" not in line
     ]
     assert not errors, output
+
+
+# ---- graceful stop ---------------------------------------------------------------------------
+
+
+def test_sigterm_answers_the_rest_request_in_flight(
+    repository: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(repository, "--strict-readiness", "false")
+    x = np.ones((1, 16), np.float32)
+    outcome: list[Any] = []
+
+    def in_flight() -> None:
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        try:
+            outcome.append(c.infer("mlp_small_queue", [_input("x", x, "FP32", True)]))
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            c.close()
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    # It waits out the model's 1 s queue delay; stop the server meanwhile.
+    deadline = time.monotonic() + 10
+    while _pending(server, "mlp_small_queue") != 1:
+        assert time.monotonic() < deadline, "the request never queued"
+        time.sleep(0.005)  # polling a server-side state, not waiting for time
+    server.proc.send_signal(signal.SIGTERM)
+    t.join(30)
+    assert server.proc.wait(timeout=60) == 0, server.log[-3000:]
+    assert len(outcome) == 1
+    assert not isinstance(outcome[0], Exception), outcome[0]
+    assert outcome[0].as_numpy("y").shape == (1, 4)
+    with pytest.raises(urllib.error.URLError, match="refused"):  # the port is closed
+        urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/live", timeout=5)
