@@ -744,3 +744,16 @@ def test_sigterm_answers_the_rest_request_in_flight(
     assert outcome[0].as_numpy("y").shape == (1, 4)
     with pytest.raises(urllib.error.URLError, match="refused"):  # the port is closed
         urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/live", timeout=5)
+
+
+def test_undecodable_requests_count_as_failures(
+    server: ServerProcess, client: httpclient.InferenceServerClient
+) -> None:
+    def failures() -> int:
+        (s,) = client.get_inference_statistics("tabular_classifier")["model_stats"]
+        return int(s["inference_stats"]["fail"]["count"])
+
+    before = failures()
+    bad = {"inputs": [{"name": "features", "shape": [1, 8], "datatype": "FP32", "data": [1]}]}
+    _error(server, "/v2/models/tabular_classifier/infer", bad, 400, "1 elements")
+    assert failures() == before + 1

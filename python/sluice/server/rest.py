@@ -311,9 +311,11 @@ class RestServer:
                 version,
                 received_ns,
             )
-        except (SluiceError, _core.StatusError, web.HTTPException) as exc:
-            # Undecodable input never reaches the data plane; count it here.
-            self._dp.record_rejected(model, version, received_ns, exc)
+        except (SluiceError, _core.StatusError) as exc:
+            # Undecodable input never reaches the data plane; count it here. (A body
+            # over the size limit or too slow is refused by HTTP, uncounted, as gRPC
+            # refuses an oversized message before sluice sees it.)
+            self._dp.record_rejected(model, version, received_ns, as_sluice_error(exc) or exc)
             raise
         response = await self._dp.infer(decoded.request)
         payload, header_length = rest_codec.encode_infer(
