@@ -27,7 +27,8 @@ def test_a_second_server_on_a_held_grpc_port_fails_naming_the_holder(
     result = _serve("--grpc-port", str(example_server.grpc_port), "--http-port", "0")
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip()
-    assert "\n" not in line and "Traceback" not in line, line
+    assert "\n" not in line, line
+    assert "Traceback" not in line
     assert f"gRPC port 127.0.0.1:{example_server.grpc_port} is in use by process" in line
     assert str(example_server.proc.pid) in line
     assert "--reuse-port" in line
@@ -41,7 +42,8 @@ def test_a_busy_http_port_is_one_clear_line() -> None:
         result = _serve("--grpc-port", "0", "--http-port", str(port))
     assert result.returncode == 2
     line = result.stderr.strip()
-    assert "\n" not in line and "Traceback" not in line, line
+    assert "\n" not in line, line
+    assert "Traceback" not in line
     assert f"HTTP port 127.0.0.1:{port} is in use" in line
 
 
