@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sluice import __version__, datatypes
+from sluice import __version__, datatypes, defaults
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -190,36 +191,111 @@ def _models(args: argparse.Namespace) -> int:
     return result
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a meaningful
+    default (not None, False or an empty list), unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default" in text
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_url_arguments(parser: argparse.ArgumentParser) -> None:
+    """--url and --timeout, the same for every command that talks to a server."""
+    parser.add_argument(
+        "--url",
+        default=defaults.client_url(),
+        metavar="HOST:PORT",
+        help=f"the server's gRPC address (${defaults.URL_ENV} when set)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.CLIENT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="deadline of each call",
+    )
+
+
+REPOSITORY_READ_HELP = "repository folder (default: the bundled examples)"
+# One rule for every command: those that write never default to the bundled
+# examples, which live inside the installed package.
+REPOSITORY_WRITE_HELP = "repository folder (required: commands that write have no default)"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _print_help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """A command group run without its subcommand prints its help (exit 2, bad usage)."""
+
+    def show(_args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    return show
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every sluice parser (subcommands included) shows defaults in its help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sluice", description="ONNX inference serving")
+    parser = ArgumentParser(prog="sluice", description="ONNX inference serving")
     parser.add_argument("--version", action="version", version=f"sluice {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="log messages of this level and above, on stderr",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(func=_print_help(parser))
 
     serve = sub.add_parser("serve", help="serve a model repository over KServe v2 gRPC")
     serve.add_argument("--model-repository", help="repository folder (default: bundled examples)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
+    serve.add_argument("--host", default=defaults.HOST, help="address to listen on")
     serve.add_argument(
-        "--http-port", type=int, default=8002, help="metrics and health; 0 = free port"
+        "--grpc-port", type=int, default=defaults.GRPC_PORT, help="0 picks a free port"
+    )
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=defaults.HTTP_PORT,
+        help="/metrics and /v2/health; 0 picks a free port",
     )
     serve.add_argument(
         "--grace-seconds",
         type=float,
-        default=30.0,
+        default=defaults.GRACE_SECONDS,
         help="on SIGINT/SIGTERM, time to finish accepted requests",
     )
     serve.add_argument(
         "--grpc-max-message-bytes",
         type=int,
-        default=256 * 1024 * 1024,
+        default=defaults.MAX_MESSAGE_BYTES,
         help="largest request or response; larger ones get RESOURCE_EXHAUSTED",
     )
     serve.add_argument(
         "--default-max-batch-size",
         type=int,
-        default=4,
-        help="max_batch_size given to batchable models without a config (Triton: 4)",
+        default=defaults.DEFAULT_MAX_BATCH_SIZE,
+        help="max_batch_size given to batchable models without a config, as Triton",
     )
     serve.add_argument(
         "--execution-provider-fallback",
@@ -242,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
         "explicit: load/unload through the repository RPCs",
     )
     serve.add_argument(
-        "--repository-poll-secs", type=float, default=15.0, help="rescan period in poll mode"
+        "--repository-poll-secs",
+        type=float,
+        default=defaults.REPOSITORY_POLL_SECS,
+        help="rescan period in poll mode",
     )
     serve.add_argument(
         "--load-model",
@@ -276,44 +355,52 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     infer = sub.add_parser("infer", help="send one inference request and print the outputs")
-    infer.add_argument("model")
+    infer.add_argument("model", help="model name as served")
     infer.add_argument(
         "--input",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a JSON array or a .npy file; repeat per input",
+        help="a JSON array, or a .npy file with the full shape (batch dimension first for "
+        "batching models); repeat per input",
     )
     infer.add_argument(
         "--random", action="store_true", help="random data for inputs not given (dynamic dims = 1)"
     )
-    infer.add_argument("--output", action="append", help="request only these outputs")
-    infer.add_argument("--model-version", default="")
-    infer.add_argument("--url", default="127.0.0.1:8001")
-    infer.add_argument("--timeout", type=float, default=30.0)
+    infer.add_argument(
+        "--output",
+        action="append",
+        metavar="NAME",
+        help="request only this output; repeatable (default: every output)",
+    )
+    infer.add_argument(
+        "--model-version", default="", help="a version number (default: the server's choice)"
+    )
+    add_url_arguments(infer)
     infer.set_defaults(func=_infer)
 
     models = sub.add_parser("models", help="model registry: publish versions, inspect, label")
-    models_sub = models.add_subparsers(dest="models_command", required=True)
-    models_repo = argparse.ArgumentParser(add_help=False)
-    models_repo.add_argument(
-        "--model-repository",
-        help="repository folder (list/show/diff default: the bundled examples; "
-        "publish/promote/rollback require it)",
+    models_sub = models.add_subparsers(dest="models_command", metavar="COMMAND")
+    models.set_defaults(func=_print_help(models))
+    models_read = ArgumentParser(add_help=False)
+    models_read.add_argument("--model-repository", metavar="DIR", help=REPOSITORY_READ_HELP)
+    models_write = ArgumentParser(add_help=False)
+    models_write.add_argument(
+        "--model-repository", metavar="DIR", required=True, help=REPOSITORY_WRITE_HELP
     )
     models_publish = models_sub.add_parser(
         "publish",
-        parents=[models_repo],
+        parents=[models_write],
         help="add the next version atomically, with lineage in metadata.json",
     )
-    models_publish.add_argument("model")
+    models_publish.add_argument("model", help="model name (a new one is created)")
     models_publish.add_argument(
         "--profile",
         metavar="DATA",
         help="also store the drift reference profile of the new version from DATA "
         "(.npy, .npz, .csv; see `sluice profile`)",
     )
-    models_publish.add_argument("file", metavar="FILE.onnx")
+    models_publish.add_argument("file", metavar="FILE.onnx", help="the model file to publish")
     models_publish.add_argument("--source", help="where the file came from (default: its name)")
     for option, meta, text in (
         ("--param", "KEY=VALUE", "a training parameter"),
@@ -324,25 +411,31 @@ def build_parser() -> argparse.ArgumentParser:
             option, action="append", default=[], metavar=meta, help=f"{text}; repeatable"
         )
     models_list = models_sub.add_parser(
-        "list", parents=[models_repo], help="models, versions, lineage and labels"
+        "list", parents=[models_read], help="models, versions, lineage and labels"
     )
     models_show = models_sub.add_parser(
-        "show", parents=[models_repo], help="one version's metadata, signature and config"
+        "show", parents=[models_read], help="one version's metadata, signature and config"
     )
-    models_show.add_argument("model")
+    models_show.add_argument("model", help="model name")
     models_show.add_argument("version", type=int, nargs="?", help="default: the latest")
     models_diff = models_sub.add_parser(
-        "diff", parents=[models_repo], help="signature and lineage changes between versions"
+        "diff", parents=[models_read], help="signature and lineage changes between versions"
     )
-    models_diff.add_argument("model")
-    models_diff.add_argument("old", type=int, metavar="V1")
-    models_diff.add_argument("new", type=int, metavar="V2")
+    models_diff.add_argument("model", help="model name")
+    models_diff.add_argument("old", type=int, metavar="V1", help="the version to compare from")
+    models_diff.add_argument("new", type=int, metavar="V2", help="the version to compare to")
     models_promote = models_sub.add_parser(
-        "promote", parents=[models_repo], help="label a version stable, canary or shadow"
+        "promote", parents=[models_write], help="label a version stable, canary or shadow"
     )
-    models_promote.add_argument("model")
-    models_promote.add_argument("version", type=int)
-    models_promote.add_argument("--label", choices=("stable", "canary", "shadow"), default="stable")
+    models_promote.add_argument("model", help="model name")
+    models_promote.add_argument("version", type=int, help="the version to label")
+    models_promote.add_argument(
+        "--label",
+        choices=("stable", "canary", "shadow"),
+        default="stable",
+        help="stable: serves unversioned requests; canary: gets --weight of them; "
+        "shadow: gets a mirrored --sample of them, answers discarded",
+    )
     models_promote.add_argument(
         "--weight", type=float, help="canary: share of unversioned requests, in [0, 1]"
     )
@@ -354,20 +447,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models_rollback = models_sub.add_parser(
         "rollback",
-        parents=[models_repo],
+        parents=[models_write],
         help="set stable back to the previous stable version and clear the canary",
     )
-    models_rollback.add_argument("model")
+    models_rollback.add_argument("model", help="model name")
     for json_parser in (models_publish, models_list, models_show, models_diff):
         json_parser.add_argument("--json", action="store_true", help="print JSON")
-    models.set_defaults(func=_models)
+    for command in models_sub.choices.values():
+        command.set_defaults(func=_models)
 
     bench = sub.add_parser(
         "bench", help="load-test one model: closed-loop concurrency, latency, cost"
     )
-    bench.add_argument("model")
-    bench.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port")
-    bench.add_argument("--model-version", default="", help="default: the server's choice")
+    bench.add_argument("model", help="model name as served")
+    bench.add_argument(
+        "--model-version", default="", help="a version number (default: the server's choice)"
+    )
     bench.add_argument(
         "--concurrency", type=int, default=8, help="requests kept in flight (closed loop)"
     )
@@ -378,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this long (default 10 s unless --requests is given; "
         "with both, whichever comes first)",
     )
-    bench.add_argument("--requests", type=int, metavar="N", help="stop after N requests")
+    bench.add_argument("--requests", type=int, metavar="N", help="stop after N measured requests")
     bench.add_argument(
         "--batch-size", type=int, default=1, help="rows per request, for batching models"
     )
@@ -401,9 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--metrics-url",
-        help="the server's Prometheus page (default http://<grpc host>:8002/metrics)",
+        default=defaults.client_metrics_url(),
+        help="the server's Prometheus page, for cost (default: $SLUICE_METRICS_URL, else "
+        "http://<--url host>:8002/metrics; cost is left out when its counts disagree with "
+        "the gRPC server's)",
     )
-    bench.add_argument("--timeout", type=float, default=30.0, help="per-request deadline, seconds")
+    add_url_arguments(bench)
     bench.add_argument("--json", action="store_true", help="print one JSON object, not a table")
     bench.add_argument(
         "--plot", metavar="FILE.png", help="latency and throughput over time (needs matplotlib)"
@@ -414,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sluice import drift_cli
 
     drift_cli.add_parsers(sub)
+    from sluice import feedback_cli
+
+    feedback_cli.add_parsers(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sluice import config as cfg
-from sluice import datatypes
+from sluice import datatypes, defaults
 from sluice.errors import SluiceError
 from sluice.monitoring import drift, drift_stats
 from sluice.proto import model_config_pb2 as mc
@@ -150,9 +151,7 @@ def _key(tp: drift.TensorProfile) -> str:
 
 
 def profile(args: argparse.Namespace) -> int:
-    from sluice.server.app import EXAMPLES
-
-    repository = Path(args.model_repository) if args.model_repository else EXAMPLES
+    repository = Path(args.model_repository)
     try:
         tensors, arrays, version_dir, n = _model_tensors(
             repository, args.model, args.version, Path(args.data), args.categorical
@@ -232,6 +231,18 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _bin_labels(f: Mapping[str, Any]) -> list[str]:
+    """Short, whole tick labels: the value range of each numeric bin (3 significant
+    digits), or the category codes."""
+    if f["kind"] != "numeric":
+        return [str(c) for c in f.get("codes") or []] + ["unseen"]
+    edges = [f"{e:.3g}" for e in f.get("edges") or []]
+    if not edges:
+        return ["all"]
+    inner = [f"{a}..{b}" for a, b in itertools.pairwise(edges)]
+    return [f"<{edges[0]}", *inner, f"≥{edges[-1]}"]
+
+
 def plot_report(report: Mapping[str, Any], path: Path, top: int = 6) -> None:
     """Reference vs live histograms (proportions per coarse bin) of the most
     drifted features (largest PSI)."""
@@ -260,21 +271,18 @@ def plot_report(report: Mapping[str, Any], path: Path, top: int = 6) -> None:
         cur = np.asarray(f["window_counts"], dtype=float)
         k = min(len(ref), len(cur))
         ref, cur = ref[:k] / max(ref.sum(), 1), cur[:k] / max(cur.sum(), 1)
-        if f["kind"] == "numeric":
-            edges = f.get("edges") or []
-            labels = ["<" + _fmt(edges[0])] if edges else ["all"]
-            labels += [f"{_fmt(a)}.." for a in edges[:-1]] if len(edges) > 1 else []
-            labels += ([">=" + _fmt(edges[-1])] if edges else [])[: k - len(labels)]
-        else:
-            labels = [str(c) for c in f.get("codes") or []] + ["unseen"]
-        labels = (labels + [""] * k)[:k]
+        labels = (_bin_labels(f) + [""] * k)[:k]
         x = np.arange(k)
         ax.bar(x - 0.2, ref, width=0.4, label="reference")
         ax.bar(x + 0.2, cur, width=0.4, label="live")
-        ax.set_xticks(x, labels, rotation=45, fontsize=7)
+        ax.set_xticks(x, labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_ylabel("share of rows", fontsize=8)
+        ax.set_xlabel("bin" if f["kind"] == "numeric" else "category", fontsize=8)
         ax.set_title(f"{f['name']}  psi {_fmt(f['psi'])}  {f['verdict']}", fontsize=9)
         if i == 0:
             ax.legend(fontsize=7)
+    version = report.get("version") or "(server's choice)"
+    fig.suptitle(f"sluice drift: {report.get('model', '')} version {version}, reference vs live")
     fig.tight_layout()
     fig.savefig(str(path))
 
@@ -304,10 +312,11 @@ def drift_command(args: argparse.Namespace) -> int:
 def _remote_report(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
+    from sluice import endpoint
     from sluice.proto import sluice_service_pb2 as spb
     from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    with endpoint.channel(args.url) as channel:
         stub = spb_grpc.SluiceServiceStub(channel)
         try:
             reply = stub.DriftReport(
@@ -329,7 +338,7 @@ def report_dict(reply: Any) -> dict[str, Any]:
         "window_seconds": reply.window_seconds,
         "inputs": _tensor_dict(reply.inputs) if reply.HasField("inputs") else None,
         "outputs": _tensor_dict(reply.outputs) if reply.HasField("outputs") else None,
-        "quality": _quality_dict(reply.quality) if reply.HasField("quality") else None,
+        "quality": quality_dict(reply.quality) if reply.HasField("quality") else None,
         "schema_skew": [
             {"input": s.input, "kind": s.kind, "count": s.count} for s in reply.schema_skew
         ],
@@ -362,7 +371,7 @@ def _tensor_dict(t: Any) -> dict[str, Any]:
     }
 
 
-def _quality_dict(q: Any) -> dict[str, Any]:
+def quality_dict(q: Any) -> dict[str, Any]:
     return {
         "available": q.available,
         "task": q.task,
@@ -418,8 +427,8 @@ def add_parsers(sub: Any) -> None:
         "drift_profile.json into <repository>/MODEL/VERSION; a serving version with "
         "them gets drift monitoring at its next load.",
     )
-    p.add_argument("model")
-    p.add_argument("version", type=int)
+    p.add_argument("model", help="model name (its folder in the repository)")
+    p.add_argument("version", type=int, help="the version to profile")
     p.add_argument(
         "--data",
         required=True,
@@ -427,7 +436,12 @@ def add_parsers(sub: Any) -> None:
         help=".npy or .csv (rows x features, one-input models; a non-numeric first CSV "
         "line is a header) or .npz (one array per input name)",
     )
-    p.add_argument("--model-repository", help="repository folder (default: bundled examples)")
+    p.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        required=True,
+        help="repository folder (required: commands that write have no default)",
+    )
     p.add_argument(
         "--categorical",
         action="append",
@@ -447,14 +461,29 @@ def add_parsers(sub: Any) -> None:
         "current window. Otherwise compares --data FILE with the version's stored "
         "profile (no server).",
     )
-    d.add_argument("model")
-    d.add_argument("--version", type=int, default=0, help="default: latest (offline) / server's")
-    d.add_argument("--url", help="gRPC host:port of a running sluice")
-    d.add_argument("--model-repository", help="offline: repository folder")
+    d.add_argument("model", help="model name")
+    d.add_argument(
+        "--version",
+        type=int,
+        default=0,
+        help="0: the latest version (offline) or the server's choice (--url)",
+    )
+    d.add_argument("--url", metavar="HOST:PORT", help="ask the running server at this gRPC address")
+    d.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        help="offline: repository folder (default: the bundled examples)",
+    )
     d.add_argument("--data", help="offline: the data to compare (.npy, .npz, .csv)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.add_argument(
         "--plot", metavar="FILE.png", help="reference vs live histograms (needs matplotlib)"
     )
-    d.add_argument("--timeout", type=float, default=30.0)
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.CLIENT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="--url: deadline of the DriftReport call",
+    )
     d.set_defaults(func=drift_command)

@@ -275,6 +275,36 @@ def test_feedback_moves_accuracy_and_flags_degradation(server: ServerProcess) ->
     assert _report(server.url, SAME)["quality"]["degraded"]
 
 
+def test_feedback_command_sends_labels_and_names_a_wrong_row_count(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = tc.InferenceServerClient(server.url)
+    rng = np.random.default_rng(11)
+    predicted: dict[str, list[int]] = {}
+    for i in range(5):  # two rows per request: one label per row
+        result = _send(client, SKEW, rng.standard_normal((2, FEATURES)), rid=f"cli-{i}")
+        predicted[f"cli-{i}"] = [int(v) for v in result.as_numpy("label")[:, 0]]
+    client.close()
+    labels = tmp_path / "labels.csv"
+    lines = [f"{rid},{a},{b}" for rid, (a, b) in predicted.items()]
+    labels.write_text("\n".join(["request_id,row0,row1", *lines, "never-sent,1,1"]) + "\n")
+    url = ["--url", server.url]
+    assert cli.main(["feedback", SKEW, "--labels", str(labels), "--json", *url]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["matched"], result["unknown"]) == (5, 1)
+    assert result["quality"]["labelled"] == 10  # rows, not requests
+    assert result["quality"]["metrics"]["accuracy"] == 1.0
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"cli-0": [1]}))
+    assert cli.main(["feedback", SKEW, "--labels", str(wrong), *url]) == 1
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err
+    assert "'cli-0': 1 value(s) for 2 predicted row(s)" in err
+    # Nothing was counted for the refused label.
+    assert _report(server.url, SKEW)["quality"]["labelled"] == 10
+
+
 def test_rules_and_dashboard_drift_metrics_exist(fed: ServerProcess) -> None:
     """The drift families appear only for profiled versions, so the generic
     exposition check (test_prometheus.py) exempts them; this checks them here."""

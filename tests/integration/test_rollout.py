@@ -19,6 +19,7 @@ from conftest import ServerProcess
 from onnx import TensorProto, helper
 
 MODEL = "scaler"
+DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "sluice-dashboard.json"
 CONFIG = """max_batch_size: 8
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
@@ -108,6 +109,23 @@ def metric(server: ServerProcess, name: str, **labels: str) -> float:
     return 0.0
 
 
+def assert_on_dashboard(server: ServerProcess, name: str, label: str) -> None:
+    """The Grafana dashboard queries `name` grouped by `label`, and the server
+    exposes that series with that label (test_prometheus.py exempts the rollout
+    families, which have samples only while a rollout runs)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [
+        t["expr"]
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+        if name in t.get("expr", "")
+    ]
+    assert any(f"{label})" in e or f"{label}," in e for e in exprs), (name, exprs)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5)
+    lines = [ln for ln in body.read().decode().splitlines() if ln.startswith(name + "{")]
+    assert any(f'{label}="' in ln for ln in lines), (name, lines)
+
+
 def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -169,6 +187,8 @@ def test_shadow_never_changes_a_response(
         ),
         "every mirrored request to be compared",
     )
+    assert_on_dashboard(server, "sluice_shadow_comparisons_total", "result")
+    assert_on_dashboard(server, "sluice_rollout_requests_total", "arm")
 
 
 @pytest.mark.parametrize(
@@ -194,6 +214,7 @@ def test_guards_roll_a_faulty_canary_back(
         for _ in range(25):
             infer(client, x)
     assert metric(server, "sluice_canary_rollbacks_total", version="2", guard=guard) == 1
+    assert_on_dashboard(server, "sluice_canary_rollbacks_total", "guard")
     # Rolled back: unversioned traffic is all stable again, and the file says why.
     assert {infer(client, x)[0] for _ in range(30)} == {"1"}
     written = json.loads((tmp_path / MODEL / "labels.json").read_text())
