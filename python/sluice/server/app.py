@@ -177,9 +177,10 @@ class SluiceServer:
         self._http.stop()
 
     def ready_banner(self) -> str:
+        paths = "/metrics, /v2/health/ready" if self.options.allow_metrics else "/v2/health/ready"
         lines = [
             f"sluice {sluice.__version__} ready: grpc {self.options.host}:{self.grpc_port}, "
-            f"http {self.options.host}:{self.http_port} (/metrics, /v2/health/ready)",
+            f"http {self.options.host}:{self.http_port} ({paths})",
             f"model repository: {self.options.model_repository}",
         ]
         for name, model in sorted(self.models.models.items()):
