@@ -4,7 +4,11 @@ ports, the host, the client URL and the timeouts."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+# The bundled example repository: what `sluice serve` and the commands that only
+# read a repository use when not given one.
+EXAMPLES = Path(__file__).resolve().parent / "examples" / "models"
 HOST = "127.0.0.1"
 GRPC_PORT = 8001
 HTTP_PORT = 8002
@@ -13,7 +17,7 @@ GRACE_SECONDS = 30.0
 # the server hold. Larger messages get RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 REPOSITORY_POLL_SECS = 15.0
-DEFAULT_MAX_BATCH_SIZE = 4  # Triton's autocomplete default
+DEFAULT_MAX_BATCH_SIZE = 4  # Triton's autocomplete default (sluice.config uses it)
 CLIENT_TIMEOUT_S = 30.0  # per call, for every client command
 
 # Client commands talk to $SLUICE_URL when it is set, so a shell (or a test) can

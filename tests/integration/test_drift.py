@@ -19,14 +19,14 @@ import pytest
 import tritonclient.grpc as tc
 from conftest import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
-from sluice import cli
-from sluice.drift_cli import report_dict
+from sluice import cli, defaults
+from sluice.cli.drift import report_dict
 from sluice.monitoring import drift
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 from tritonclient.utils import InferenceServerException
 
-EXAMPLE = Path(cli.__file__).resolve().parent / "examples" / "models" / "tabular_classifier"
+EXAMPLE = defaults.EXAMPLES / "tabular_classifier"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FEATURES = 8
 SHIFTED = (0, 3, 5)

@@ -86,9 +86,6 @@ if TYPE_CHECKING:  # onnx costs ~170 ms and ~30 MB to import; only publish needs
 if sys.platform != "win32":
     import fcntl
 
-# The same default as `sluice serve` (sluice.server.app.EXAMPLES), computed here
-# so the registry does not import the server.
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
 METADATA_FILENAME = "metadata.json"
 LABELS_FILENAME = "labels.json"
 STAGING_PREFIX = ".staging-"

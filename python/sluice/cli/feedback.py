@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sluice.cli.common import add_url_arguments
+
 CHUNK_LABELS = 1000  # labels per Feedback call: bounds one message
 MAX_VALUES_PER_ID = 1 << 16
 
@@ -77,8 +79,8 @@ def read_labels(path: Path) -> list[tuple[str, list[float]]]:
 def feedback_command(args: argparse.Namespace) -> int:
     import grpc
 
-    from sluice import endpoint
-    from sluice.drift_cli import quality_dict
+    from sluice import client
+    from sluice.cli.drift import quality_dict
     from sluice.proto import sluice_service_pb2 as spb
     from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 
@@ -89,7 +91,7 @@ def feedback_command(args: argparse.Namespace) -> int:
         return 2
     matched = unknown = 0
     quality: dict[str, Any] | None = None
-    with endpoint.channel(args.url) as channel:
+    with client.channel(args.url) as channel:
         stub = spb_grpc.SluiceServiceStub(channel)
         for start in range(0, len(labels), CHUNK_LABELS):
             chunk = labels[start : start + CHUNK_LABELS]
@@ -127,9 +129,7 @@ def feedback_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any) -> None:
-    from sluice.cli import add_url_arguments
-
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "feedback",
         help="send ground truth for earlier requests (concept drift)",

@@ -10,7 +10,7 @@ import itertools
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from sluice import config as cfg
 from sluice import datatypes, defaults
+from sluice.cli import common
 from sluice.errors import SluiceError
 from sluice.monitoring import drift, drift_stats
 from sluice.proto import model_config_pb2 as mc
@@ -32,7 +33,7 @@ class DriftCliError(Exception):
 
 
 def _numpy_type(t: Any) -> np.dtype[Any]:
-    dt = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)].numpy
+    dt = datatypes.of_config(t.data_type).numpy
     assert dt is not None
     return dt
 
@@ -150,16 +151,30 @@ def _key(tp: drift.TensorProfile) -> str:
     return ("output:" if tp.output else "") + tp.name
 
 
-def profile(args: argparse.Namespace) -> int:
-    repository = Path(args.model_repository)
+DEFAULT_BINS = 10
+DEFAULT_SKETCH_POINTS = 1000
+
+
+def profile_version(
+    repository: Path,
+    model: str,
+    version: int,
+    data: Path,
+    categorical: Sequence[str] = (),
+    bins: int = DEFAULT_BINS,
+    sketch_points: int = DEFAULT_SKETCH_POINTS,
+) -> int:
+    """Writes the drift profile of one version and prints what it wrote; returns
+    the exit code (1 with the reason on stderr). Used by `sluice profile` and
+    `sluice models publish --profile`."""
     try:
         tensors, arrays, version_dir, n = _model_tensors(
-            repository, args.model, args.version, Path(args.data), args.categorical
+            repository, model, version, data, list(categorical)
         )
         for tp in tensors:
             matrix = drift.as_matrix(arrays[_key(tp)])
             tp.profile = drift_stats.build_profile(
-                matrix, tp.kinds, tp.features, args.bins, args.sketch_points
+                matrix, tp.kinds, tp.features, bins, sketch_points
             )
         drift.save(version_dir, tensors, n)
     except (DriftCliError, drift.ProfileError, SluiceError, OSError, ValueError) as exc:
@@ -176,6 +191,18 @@ def profile(args: argparse.Namespace) -> int:
         )
     print(f"{version_dir / drift.MANIFEST_FILENAME}")
     return 0
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    return profile_version(
+        Path(args.model_repository),
+        args.model,
+        args.version,
+        Path(args.data),
+        args.categorical,
+        args.bins,
+        args.sketch_points,
+    )
 
 
 # ---- sluice drift ----------------------------------------------------------------
@@ -312,11 +339,11 @@ def drift_command(args: argparse.Namespace) -> int:
 def _remote_report(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
-    from sluice import endpoint
+    from sluice import client
     from sluice.proto import sluice_service_pb2 as spb
     from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 
-    with endpoint.channel(args.url) as channel:
+    with client.channel(args.url) as channel:
         stub = spb_grpc.SluiceServiceStub(channel)
         try:
             reply = stub.DriftReport(
@@ -384,11 +411,9 @@ def quality_dict(q: Any) -> dict[str, Any]:
 
 
 def _offline_report(args: argparse.Namespace) -> dict[str, Any]:
-    from sluice.server.app import EXAMPLES
-
     if not args.data:
         raise DriftCliError("without --url, give --data FILE to compare with the stored profile")
-    repository = Path(args.model_repository) if args.model_repository else EXAMPLES
+    repository = common.repository(args)
     version = args.version
     if not version:
         from sluice.repository.policy import version_dirs
@@ -416,7 +441,7 @@ def _offline_report(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def add_parsers(sub: Any) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "profile",
         help="store the reference (training) profile of a version's inputs and predictions",
@@ -436,12 +461,7 @@ def add_parsers(sub: Any) -> None:
         help=".npy or .csv (rows x features, one-input models; a non-numeric first CSV "
         "line is a header) or .npz (one array per input name)",
     )
-    p.add_argument(
-        "--model-repository",
-        metavar="DIR",
-        required=True,
-        help="repository folder (required: commands that write have no default)",
-    )
+    common.add_repository_argument(p, writes=True)
     p.add_argument(
         "--categorical",
         action="append",
@@ -450,9 +470,14 @@ def add_parsers(sub: Any) -> None:
         help="a categorical input feature: INPUT[i], or f<i> for column i of the first "
         'input (also: config parameter drift_categorical="f3,f7"); repeatable',
     )
-    p.add_argument("--bins", type=int, default=10, help="coarse bins per numeric feature")
-    p.add_argument("--sketch-points", type=int, default=1000, help="fine grid for KS/Wasserstein")
-    p.set_defaults(func=profile)
+    p.add_argument("--bins", type=int, default=DEFAULT_BINS, help="coarse bins per numeric feature")
+    p.add_argument(
+        "--sketch-points",
+        type=int,
+        default=DEFAULT_SKETCH_POINTS,
+        help="fine grid for KS/Wasserstein",
+    )
+    p.set_defaults(func=profile_command)
 
     d = sub.add_parser(
         "drift",
@@ -470,9 +495,7 @@ def add_parsers(sub: Any) -> None:
     )
     d.add_argument("--url", metavar="HOST:PORT", help="ask the running server at this gRPC address")
     d.add_argument(
-        "--model-repository",
-        metavar="DIR",
-        help="offline: repository folder (default: the bundled examples)",
+        "--model-repository", metavar="DIR", help="offline: " + common.REPOSITORY_READ_HELP
     )
     d.add_argument("--data", help="offline: the data to compare (.npy, .npz, .csv)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from sluice.bench import BenchError, BenchReport, windows
+from sluice.cli.loadgen import BenchError, BenchReport, windows
 
 # Throughput has a colour of its own: none of the latency lines' colours.
 _COLOURS = {"p50": "tab:blue", "p90": "tab:orange", "p99": "tab:red", "throughput": "tab:green"}

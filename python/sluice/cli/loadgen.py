@@ -1,4 +1,4 @@
-"""`sluice bench`: a closed-loop load generator for one model over KServe v2 gRPC.
+"""The load generator behind `sluice bench`: closed-loop load on one model over KServe v2 gRPC.
 
 `concurrency` workers each keep one request in flight (send, await the answer,
 send again) on one grpc.aio channel. The request is built once, up front, so the
@@ -18,7 +18,6 @@ import collections
 import contextlib
 import dataclasses
 import signal
-import string
 import sys
 import time
 import urllib.error
@@ -30,7 +29,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from sluice import _core, datatypes, defaults, endpoint
+from sluice import _core, client, datatypes, defaults
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -40,7 +39,6 @@ _NS_PER_S = 1_000_000_000
 _PROGRESS_REFRESH_S = 0.25
 _METRICS_TIMEOUT_S = 5.0
 _CONTROL_TIMEOUT_S = 10.0  # metadata, config, statistics: --timeout is for inferences
-_STRING_ALPHABET = np.array(list(string.ascii_lowercase))
 
 
 class BenchError(Exception):
@@ -96,18 +94,8 @@ class Workload:
 
 def _synthetic(dt: datatypes.DataType, shape: list[int], rng: np.random.Generator) -> Any:
     """Random data of one wire datatype: a numpy array, or a list of bytes for BYTES."""
-    count = int(np.prod(shape, dtype=np.int64))
-    if dt.is_bytes:
-        # Short random lowercase words: valid UTF-8, so text models accept them too.
-        letters = rng.choice(_STRING_ALPHABET, size=(count, 8))
-        return ["".join(row).encode() for row in letters]
-    assert dt.numpy is not None
-    if dt.wire in ("FP16", "FP32", "FP64", "BF16"):
-        return rng.standard_normal(shape).astype(dt.numpy)
-    if dt.wire == "BOOL":
-        return rng.integers(0, 2, size=shape).astype(np.bool_)
-    # Small non-negative ints: valid for unsigned types and as indices/token ids.
-    return rng.integers(0, 10, size=shape).astype(dt.numpy)
+    arr = datatypes.generated(dt, shape, rng)
+    return [str(v).encode() for v in arr.reshape(-1).tolist()] if dt.is_bytes else arr
 
 
 def _from_file(name: str, dt: datatypes.DataType, arr: np.ndarray[Any, Any]) -> Any:
@@ -479,7 +467,7 @@ async def run_async(options: BenchOptions) -> BenchReport:
         ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", -1),
     ]
-    async with endpoint.aio_channel(options.url, channel_options) as channel:
+    async with client.aio_channel(options.url, channel_options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         where = f"model {options.model!r} at {options.url}"
         meta = await _call(
