@@ -9,14 +9,13 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 
 MODEL = "tabular_classifier"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -160,11 +159,11 @@ def test_bench_keeps_what_it_measured_when_the_server_stops(
     try:
         # Wait on the server's own count: the measured run is under way once it
         # passes the 20 warmup requests.
-        deadline = time.monotonic() + 60
-        while server_successes(server.url) < 20 + 100:
+        def measuring() -> bool:
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "bench never got going"
-            time.sleep(0.05)  # polling the server's count
+            return server_successes(server.url) >= 20 + 100
+
+        wait_until("the measured run to get going", measuring, timeout_s=60, interval_s=0.05)
         server.stop()
         out, err = proc.communicate(timeout=120)
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from sluice import cli, defaults
 from sluice.cli.drift import report_dict
@@ -100,12 +99,12 @@ def _report(url: str, model: str) -> dict[str, Any]:
 def _wait_rows(url: str, model: str, rows: int, timeout_s: float = 30) -> dict[str, Any]:
     """The report once the window holds `rows` rows (the windows are fed right
     after each response leaves, so they may trail the last response briefly)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def attempt() -> dict[str, Any] | None:
         report = _report(url, model)
-        if report["inputs"]["rows"] >= rows or time.monotonic() > deadline:
-            return report
-        time.sleep(0.01)
+        return report if report["inputs"]["rows"] >= rows else None
+
+    return wait_until(f"{rows} rows in {model}'s drift window", attempt, timeout_s)
 
 
 def _scrape(server: ServerProcess) -> list[tuple[str, dict[str, str], float]]:

@@ -17,13 +17,13 @@ missing binary is a failure.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import yaml
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from tritonclient.utils import InferenceServerException
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,16 +75,8 @@ def require_binary(name: str) -> str:
     pytest.skip(message)
 
 
-def poll(what: str, attempt: Callable[[], T | None], timeout_s: float = 60) -> T:
-    """attempt() until it returns something other than None, or fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = attempt()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.2)
+# Prometheus answers over HTTP: re-ask every 0.2 s, for up to a minute by default.
+poll = functools.partial(wait_until, timeout_s=60, interval_s=0.2)
 
 
 def series(name: str, **labels: str) -> str:

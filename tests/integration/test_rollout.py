@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from onnx import TensorProto, helper
 
 MODEL = "scaler"
@@ -126,13 +126,6 @@ def assert_on_dashboard(server: ServerProcess, name: str, label: str) -> None:
     assert any(f'{label}="' in ln for ln in lines), (name, lines)
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)  # polling server state
-
-
 def test_canary_split_follows_its_weight_and_a_healthy_canary_stays(
     tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
@@ -181,11 +174,11 @@ def test_shadow_never_changes_a_response(
         version, y = infer(client, x)
         assert version == "1"
         np.testing.assert_array_equal(y, x)  # never the shadow's x * 3
-    wait_for(
+    wait_until(
+        "every mirrored request to be compared",
         lambda: (
             metric(server, "sluice_shadow_comparisons_total", version="2", result="disagree") == 40
         ),
-        "every mirrored request to be compared",
     )
     assert_on_dashboard(server, "sluice_shadow_comparisons_total", "result")
     assert_on_dashboard(server, "sluice_rollout_requests_total", "arm")
