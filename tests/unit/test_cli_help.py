@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sluice import cli
@@ -111,3 +112,18 @@ def test_commands_that_write_need_a_repository(
         cli.main(argv)
     assert exit_info.value.code == 2
     assert "--model-repository" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("missing.npy", "missing.npy: [Errno 2]"), ("[1, 2", "not a JSON array or a .npy file")],
+)
+def test_infer_input_errors_are_messages_not_tracebacks(
+    value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No server at that address: the inputs are read before any call.
+    argv = ["infer", "m", "--input", f"x={tmp_path / value if value.endswith('.npy') else value}"]
+    assert cli.main([*argv, "--url", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err

@@ -96,9 +96,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_input(spec: str) -> tuple[str, np.ndarray[Any, Any]]:
+    """NAME=<JSON array> or NAME=<file.npy>; ValueError says what is wrong."""
     name, sep, value = spec.partition("=")
     if not sep or not name:
         raise ValueError(f"--input wants NAME=<json or file.npy>, got {spec!r}")
     if value.endswith(".npy"):
-        return name, np.load(value, allow_pickle=False)
-    return name, np.asarray(json.loads(value))
+        try:
+            return name, np.load(value, allow_pickle=False)
+        except OSError as exc:  # a missing file, or one that is not a .npy
+            raise ValueError(f"--input {name}: cannot read {value}: {exc}") from None
+    try:
+        return name, np.asarray(json.loads(value))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--input {name}: not a JSON array or a .npy file: {exc}") from None

@@ -27,13 +27,17 @@ def _random_inputs(meta: Any) -> dict[str, np.ndarray[Any, Any]]:
 def infer_command(args: argparse.Namespace) -> int:
     from sluice.client import ClientError, InferenceClient
 
+    try:  # the inputs first: a typo in a file name needs no server to report
+        given = [parse_input(spec) for spec in args.input]
+    except ValueError as exc:
+        print(f"sluice infer: {exc}", file=sys.stderr)
+        return 2
     client = InferenceClient(args.url, timeout_s=args.timeout)
     try:
         meta = client.metadata(args.model, args.model_version)
         types = {t.name: t.datatype for t in meta.inputs}
         feeds = _random_inputs(meta) if args.random else {}
-        for spec in args.input:
-            name, arr = parse_input(spec)
+        for name, arr in given:
             if name in types and datatypes.BY_WIRE[types[name]].numpy is not None:
                 dt = datatypes.BY_WIRE[types[name]]
                 arr = arr.astype(object if dt.is_bytes else dt.numpy)
