@@ -10,8 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from sluice.proto import model_config_pb2 as mc
-
 try:  # numpy has no bfloat16; ml_dtypes (a dependency of onnx) provides it.
     import ml_dtypes
 
@@ -70,9 +68,23 @@ def from_numpy(dtype: np.dtype[Any]) -> DataType:
         raise TypeError(f"numpy dtype {dtype} has no KServe v2 datatype") from None
 
 
-def of_config(data_type: int) -> DataType:
-    """The datatype of a ModelConfig `data_type` enum value (TYPE_FP32 -> FP32)."""
-    return BY_CONFIG[mc.DataType.Name(data_type)]
+def by_config_enum(data_type: int) -> DataType:
+    """The DataType of a ModelConfig DataType enum value (mc.TYPE_FP32, ...)."""
+    return _BY_CONFIG_ENUM[data_type]
+
+
+def wire_name(data_type: int) -> str:
+    """The KServe v2 wire name ("FP32") of a ModelConfig DataType enum value."""
+    return _BY_CONFIG_ENUM[data_type].wire
+
+
+def _config_enum_table() -> dict[int, DataType]:
+    from sluice.proto import model_config_pb2 as mc
+
+    return {mc.DataType.Value(d.config): d for d in ALL}
+
+
+_BY_CONFIG_ENUM: dict[int, DataType] = _config_enum_table()
 
 
 _LETTERS = np.array(list(string.ascii_lowercase))

@@ -10,8 +10,8 @@ from sluice.proto import model_config_pb2 as mc
 
 
 @pytest.mark.parametrize("dt", datatypes.ALL, ids=lambda d: d.wire)
-def test_of_config_maps_every_enum_value(dt: datatypes.DataType) -> None:
-    assert datatypes.of_config(mc.DataType.Value(dt.config)) is dt
+def test_by_config_enum_maps_every_enum_value(dt: datatypes.DataType) -> None:
+    assert datatypes.by_config_enum(mc.DataType.Value(dt.config)) is dt
 
 
 @pytest.mark.parametrize("dt", datatypes.ALL, ids=lambda d: d.wire)

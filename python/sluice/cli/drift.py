@@ -33,7 +33,7 @@ class DriftCliError(Exception):
 
 
 def _numpy_type(t: Any) -> np.dtype[Any]:
-    dt = datatypes.of_config(t.data_type).numpy
+    dt = datatypes.by_config_enum(t.data_type).numpy
     assert dt is not None
     return dt
 

@@ -30,6 +30,7 @@ def serve_command(args: argparse.Namespace) -> int:
         runtime=RuntimeOptions(
             provider_fallback=args.execution_provider_fallback,
             default_max_batch_size=args.default_max_batch_size,
+            executor=args.executor,
         ),
         control_mode=args.model_control_mode,
         repository_poll_secs=args.repository_poll_secs,
@@ -84,6 +85,14 @@ def register(sub: Any) -> None:
         default="fail",
         help="when a requested GPU provider is not active: fail the load, or serve "
         "on the CPU flagged as degraded",
+    )
+    serve.add_argument(
+        "--executor",
+        choices=("thread", "process"),
+        default="thread",
+        help="where batches run: 'thread' (worker threads in the server process) or "
+        "'process' (one child process per model instance: execution leaves the server's "
+        "GIL and a crash fails only its batch); a model's 'executor' parameter overrides it",
     )
     serve.add_argument(
         "--allow-metrics",

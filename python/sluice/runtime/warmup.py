@@ -34,7 +34,7 @@ def _configured_requests(
     for w in config.model_warmup:
         feeds: dict[str, np.ndarray[Any, Any]] = {}
         for name, spec in w.inputs.items():
-            dt = datatypes.of_config(spec.data_type)
+            dt = datatypes.by_config_enum(spec.data_type)
             batch = [max(1, w.batch_size)] if config.max_batch_size > 0 else []
             shape = batch + list(spec.dims)
             which = spec.WhichOneof("input_data_type")
@@ -52,7 +52,7 @@ def _generated_request(config: mc.ModelConfig) -> dict[str, np.ndarray[Any, Any]
     rng = np.random.default_rng(0)
     feeds = {}
     for t in config.input:
-        dt = datatypes.of_config(t.data_type)
+        dt = datatypes.by_config_enum(t.data_type)
         dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
         shape = ([1] if config.max_batch_size > 0 else []) + [d if d >= 0 else 1 for d in dims]
         feeds[t.name] = _array(dt, shape, "zero", rng, None)
