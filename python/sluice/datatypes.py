@@ -60,12 +60,12 @@ _BY_NUMPY: dict[np.dtype[Any], DataType] = {d.numpy: d for d in ALL if d.numpy i
 
 def from_numpy(dtype: np.dtype[Any]) -> DataType:
     """The datatype of a numpy array (str/bytes arrays are BYTES)."""
+    found = _BY_NUMPY.get(dtype)  # the common case: one dict lookup per output
+    if found is not None:
+        return found
     if dtype.kind in ("U", "S", "O"):
         return BY_WIRE["BYTES"]
-    try:
-        return _BY_NUMPY[dtype]
-    except KeyError:
-        raise TypeError(f"numpy dtype {dtype} has no KServe v2 datatype") from None
+    raise TypeError(f"numpy dtype {dtype} has no KServe v2 datatype")
 
 
 def by_config_enum(data_type: int) -> DataType:

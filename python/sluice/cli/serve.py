@@ -37,6 +37,7 @@ def serve_command(args: argparse.Namespace) -> int:
         load_models=tuple(args.load_model),
         swap_policy=SwapPolicy(args.swap_policy),
         allow_metrics=args.allow_metrics == "true",
+        reuse_port=args.reuse_port,
         cost=CostModel(
             usd_per_hour=args.cost_per_hour,
             usd_per_gpu_hour=args.cost_per_gpu_hour,
@@ -44,7 +45,11 @@ def serve_command(args: argparse.Namespace) -> int:
             cores=available_cores(),
         ),
     )
-    run(options)
+    try:
+        run(options)
+    except OSError as exc:  # a busy port, an address that cannot be bound: one line
+        print(f"sluice: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -85,6 +90,12 @@ def register(sub: Any) -> None:
         default="fail",
         help="when a requested GPU provider is not active: fail the load, or serve "
         "on the CPU flagged as degraded",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the gRPC port with another process on purpose (SO_REUSEPORT); without "
+        "it, a port that another process listens on stops the start with a message naming it",
     )
     serve.add_argument(
         "--executor",

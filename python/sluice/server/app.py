@@ -30,6 +30,7 @@ from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
 from sluice.server.http import HttpEndpoint
 from sluice.server.inference import InferenceServicer
+from sluice.server.ports import ensure_free
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class ServerOptions:
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
     # (ModelStatistics counters stay: the protocol needs them).
     allow_metrics: bool = True
+    # Share the gRPC port with another process on purpose (SO_REUSEPORT); by
+    # default a port another process listens on fails the start.
+    reuse_port: bool = False
 
 
 class SluiceServer:
@@ -98,6 +102,9 @@ class SluiceServer:
             (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._grpc,
         )
+        if not options.reuse_port:
+            ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
+            ensure_free(options.host, options.http_port, "HTTP", "--http-port")
         address = f"{options.host}:{options.grpc_port}"
         self.grpc_port = self._grpc.add_insecure_port(address)
         if self.grpc_port == 0:
