@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import sluice
+from sluice import defaults
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
@@ -35,25 +36,23 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSION_NAME = spb.DESCRIPTOR.services_by_name["SluiceService"].full_name
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+EXAMPLES = defaults.EXAMPLES
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
     model_repository: Path = EXAMPLES
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    http_port: int = 8002
-    grace_seconds: float = 30.0
-    # Triton accepts up to 2 GiB; a smaller default bounds what one client can
-    # make the server hold. Larger messages get RESOURCE_EXHAUSTED.
-    max_message_bytes: int = 256 * 1024 * 1024
+    host: str = defaults.HOST
+    grpc_port: int = defaults.GRPC_PORT
+    http_port: int = defaults.HTTP_PORT
+    grace_seconds: float = defaults.GRACE_SECONDS
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES  # why this size: sluice.defaults
     runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
     cost: CostModel = dataclasses.field(default_factory=CostModel)
     # Triton's --model-control-mode: none (load all at start), poll (rescan every
     # repository_poll_secs), explicit (load/unload RPCs; load_models at start).
     control_mode: str = "none"
-    repository_poll_secs: float = 15.0
+    repository_poll_secs: float = defaults.REPOSITORY_POLL_SECS
     load_models: tuple[str, ...] = ()
     swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
@@ -200,9 +199,10 @@ class SluiceServer:
         self._http.stop()
 
     def ready_banner(self) -> str:
+        paths = "/metrics, /v2/health/ready" if self.options.allow_metrics else "/v2/health/ready"
         lines = [
             f"sluice {sluice.__version__} ready: grpc {self.options.host}:{self.grpc_port}, "
-            f"http {self.options.host}:{self.http_port} (/metrics, /v2/health/ready)",
+            f"http {self.options.host}:{self.http_port} ({paths})",
             f"model repository: {self.options.model_repository}",
         ]
         for name, model in sorted(self.models.models.items()):
