@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sluice.repository.registry import CANARY, Labels, update_labels
 from sluice.repository.rollout import CanaryGuard, GuardLimits, pick_canary
@@ -200,7 +200,7 @@ def model_limits(model: Model, defaults: GuardLimits) -> GuardLimits:
     """`defaults` with the model's canary_* parameters applied. A value that is
     not a finite non-negative number (a whole one for counts) is logged and
     ignored."""
-    changes: dict[str, float | int] = {}
+    changes: dict[str, Any] = {}
     for key, (field, unit, whole) in GUARD_PARAMETERS.items():
         if key not in model.config.parameters:
             continue
