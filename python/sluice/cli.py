@@ -1,4 +1,4 @@
-"""The `sluice` command line: serve, infer, bench, models, profile, drift."""
+"""The `sluice` command line: serve, infer, bench, models, profile, drift, package, batch."""
 
 from __future__ import annotations
 
@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sluice import drift_cli
 
     drift_cli.add_parsers(sub)
+    from sluice.offline import cli as offline_cli
+
+    offline_cli.register(sub)
     return parser
 
 
