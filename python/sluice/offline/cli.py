@@ -57,6 +57,7 @@ def _package(args: argparse.Namespace) -> int:
         sign_key=Path(args.sign) if args.sign else None,
         force=args.force,
         tarball=not args.no_tarball,
+        latency_budget_s=args.latency_seconds,
     )
     try:
         result = packaging.package(options)
@@ -165,6 +166,12 @@ def _add_package(sub: Any) -> None:
     )
     p.add_argument("--per-channel", action="store_true", help="int8 weights per channel")
     p.add_argument("--calibration-method", choices=("minmax", "percentile"), default="minmax")
+    p.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=packaging.LATENCY_BUDGET_S,
+        help="time spent measuring batch-1 latency, per model (source and packaged)",
+    )
     p.add_argument("--sign", metavar="KEY", help="ed25519 private key (PEM) to sign with")
     p.add_argument("--key", metavar="PUB", help="verify: the ed25519 public key (PEM)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
