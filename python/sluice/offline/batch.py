@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 STATE_FILENAME = "state.json"
 WORKDIR_SUFFIX = ".sluice-batch"
 DEFAULT_CHUNK_ROWS = 65536
-BATCH_CANDIDATES = (1, 4, 16, 64, 256, 1024, 4096)
-MEASURE_BUDGET_S = 0.15  # per candidate batch size
+BATCH_CANDIDATES = (16, 64, 256, 1024, 4096)
+MEASURE_MIN_S = 0.05  # per candidate batch size
 _HEAD_BYTES = 1 << 20
 STREAM_TIMEOUT_S = 600.0
 
@@ -158,6 +158,10 @@ def _load_local(
             raise BatchError("--instances must be >= 1")
         del config.instance_group[:]
         config.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    if "intra_op_allow_spinning" not in config.parameters:
+        # Serving keeps onnxruntime's threads from spinning so the gRPC frontend
+        # gets the cores; offline nothing else needs them between batches.
+        config.parameters["intra_op_allow_spinning"].string_value = "1"
     path = cfg.model_file(model_dir, version, config)
     runtime, _ = load_runtime(path, config, model, RuntimeOptions())
     return runtime, written, config, path, version
@@ -287,32 +291,46 @@ class RemoteScorer(Scorer):
 # ---- batch size ------------------------------------------------------------------
 
 
-def best_batch_size(scorer: Scorer, sample: Mapping[str, Array], limit: int) -> int:
-    """The candidate batch size with the most rows/s on `sample` (the first
-    chunk), all instances busy; stops once a larger size is 10 % slower."""
-    rows = len(next(iter(sample.values())))
-    best, best_rate = 1, 0.0
+def score_measuring(
+    scorer: Scorer, feeds: Mapping[str, Array], limit: int
+) -> tuple[int, list[dict[str, Array]]]:
+    """Scores the first chunk while finding the batch size with the most rows/s:
+    consecutive slices of the chunk run at growing sizes (2 batches per instance
+    each, at least MEASURE_MIN_S), until a size is 10 % slower than the best so
+    far; the rest of the chunk runs at the best. The measuring work is real
+    scoring, so finding the size costs nothing but the slower sizes' time.
+    Returns (best size, the chunk's results in order)."""
+    rows = len(next(iter(feeds.values())))
+    per_round = 2 * max(1, scorer.instances)
+    best, best_rate = BATCH_CANDIDATES[0], 0.0
+    results: list[dict[str, Array]] = []
+    pos = 0
     for size in BATCH_CANDIDATES:
-        if size > limit or (size > rows and best_rate > 0):
+        if size > limit or rows - pos < size * per_round:
             break
-        batches = [
-            {k: v[i : i + size] for k, v in sample.items()}
-            for i in range(0, min(rows, size * max(1, scorer.instances)), size)
-        ]
-        scorer.score(batches)  # warm this shape
         done, start_ns = 0, time.monotonic_ns()
         while True:
-            scorer.score(batches)
-            done += sum(len(next(iter(b.values()))) for b in batches)
-            elapsed_ns = time.monotonic_ns() - start_ns
-            if elapsed_ns >= MEASURE_BUDGET_S * 1e9:
+            end = pos + size * per_round
+            if end > rows:
                 break
+            results += scorer.score(
+                [{k: v[i : i + size] for k, v in feeds.items()} for i in range(pos, end, size)]
+            )
+            done += end - pos
+            pos = end
+            elapsed_ns = time.monotonic_ns() - start_ns
+            if elapsed_ns >= MEASURE_MIN_S * 1e9:
+                break
+        elapsed_ns = max(1, time.monotonic_ns() - start_ns)
         rate = done / (elapsed_ns / 1e9)
         if rate > best_rate:
             best, best_rate = size, rate
         elif rate < 0.9 * best_rate:
             break
-    return best
+    results += scorer.score(
+        [{k: v[i : i + best] for k, v in feeds.items()} for i in range(pos, rows, best)]
+    )
+    return best, results
 
 
 # ---- state -----------------------------------------------------------------------
@@ -472,21 +490,26 @@ def _run(options: BatchOptions, scorer: Scorer) -> BatchResult:
             if options.stop_after_chunks is not None and scored_chunks >= options.stop_after_chunks:
                 complete = False
                 break
-            if batch_size is None:
-                limit = scorer.max_batch_size or max(BATCH_CANDIDATES)
-                if scorer.measured_batch_size:
-                    batch_size = best_batch_size(scorer, feeds, limit)
-                else:
-                    batch_size = limit
-                state["batch_size"] = batch_size
-            if scorer.max_batch_size:
-                batch_size = min(batch_size, scorer.max_batch_size)
-            batches = [
-                {k: v[i : i + batch_size] for k, v in feeds.items()}
-                for i in range(0, rows, batch_size)
-            ]
+            results: list[dict[str, Array]] | None = None
             try:
-                results = scorer.score(batches)
+                if batch_size is None:
+                    limit = scorer.max_batch_size or max(BATCH_CANDIDATES)
+                    if scorer.measured_batch_size:
+                        batch_size, results = score_measuring(scorer, feeds, limit)
+                    else:
+                        batch_size = limit
+                    state["batch_size"] = batch_size
+                if scorer.max_batch_size and isinstance(scorer, RemoteScorer):
+                    # The server refuses larger requests; in process the config's
+                    # limit is a serving setting and --batch-size may exceed it.
+                    batch_size = min(batch_size, scorer.max_batch_size)
+                if results is None:
+                    results = scorer.score(
+                        [
+                            {k: v[i : i + batch_size] for k, v in feeds.items()}
+                            for i in range(0, rows, batch_size)
+                        ]
+                    )
             except SluiceError:
                 raise
             except Exception as exc:  # onnxruntime's errors name the tensor
