@@ -219,31 +219,20 @@ class RemoteScorer(Scorer):
     chunk in flight on it (the server's batcher and instances do the rest)."""
 
     def __init__(self, url: str, model: str, version: int | None, timeout_s: float):
-        import grpc
+        from sluice.server.client import ClientError
+        from sluice.server.stream_client import StreamClient
 
-        from sluice.proto import grpc_service_pb2 as pb
-        from sluice.proto import grpc_service_pb2_grpc as pb_grpc
-
-        self._pb = pb
-        self._grpc = grpc
-        self._channel = grpc.insecure_channel(
-            url,
-            options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
-        )
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._timeout_s = timeout_s
+        self._client = StreamClient(url, timeout_s)
+        self._client_error = ClientError
         self.model = model
         self.version = "" if version is None else str(version)
         try:
-            reply = self._stub.ModelConfig(
-                pb.ModelConfigRequest(name=model, version=self.version), timeout=30
-            )
-        except grpc.RpcError as exc:
-            self._channel.close()
-            raise BatchError(f"{url}: {exc.code().name}: {exc.details()}") from None
-        config = reply.config
+            config = self._client.config(model, self.version)
+        except ClientError as exc:
+            self._client.close()
+            raise BatchError(f"{url}: {exc}") from None
         if config.max_batch_size <= 0:
-            self._channel.close()
+            self._client.close()
             raise BatchError(f"model '{model}' does not batch on the server (max_batch_size 0)")
         self.config = config
         self.specs = [_spec(t) for t in config.input]
@@ -256,36 +245,16 @@ class RemoteScorer(Scorer):
         self.identity = f"{url}/{model}/{self.version or 'default'}"
         self._wire = {s.name: datatypes.from_numpy(s.dtype).wire for s in self.specs}
 
-    def _request(self, index: int, feeds: Mapping[str, Array]) -> Any:
-        request = self._pb.ModelInferRequest(
-            model_name=self.model, model_version=self.version, id=str(index)
-        )
-        for name, arr in feeds.items():
-            request.inputs.add(name=name, datatype=self._wire[name], shape=list(arr.shape))
-            request.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
-        for name in self.outputs:
-            request.outputs.add(name=name)
-        return request
-
     def score(self, batches: Sequence[Mapping[str, Array]]) -> list[dict[str, Array]]:
-        from sluice.server.client import decode_outputs
-
-        requests = (self._request(i, b) for i, b in enumerate(batches))
-        results: list[dict[str, Array] | None] = [None] * len(batches)
         try:
-            for reply in self._stub.ModelStreamInfer(requests, timeout=self._timeout_s):
-                if reply.error_message:
-                    raise BatchError(f"the server refused a batch: {reply.error_message}")
-                index = int(reply.infer_response.id)
-                results[index] = decode_outputs(reply.infer_response)
-        except self._grpc.RpcError as exc:
-            raise BatchError(f"{exc.code().name}: {exc.details()}") from None
-        if any(r is None for r in results):
-            raise BatchError("the server's stream ended before every batch was answered")
-        return [r for r in results if r is not None]
+            return self._client.infer_many(
+                self.model, self.version, batches, self._wire, self.outputs
+            )
+        except self._client_error as exc:
+            raise BatchError(f"the server refused a batch: {exc}") from None
 
     def close(self) -> None:
-        self._channel.close()
+        self._client.close()
 
 
 # ---- batch size ------------------------------------------------------------------

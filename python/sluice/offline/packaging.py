@@ -314,8 +314,6 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import onnxruntime as ort
-
     return {
         "cpu": cpu,
         "architecture": platform.machine(),
@@ -323,7 +321,7 @@ def machine() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
+        "onnxruntime": transform.onnxruntime_version(),
     }
 
 
@@ -825,10 +823,8 @@ def verify(root: Path, public_key: Path | None) -> Verified:
     if Path(model_rel).is_absolute() or ".." in Path(model_rel).parts:
         return Verified(False, (*lines, "FAIL manifest: model path leaves the bundle"))
     try:
-        import onnxruntime as ort
-
         transform.session(model_path)
-        lines.append(f"ok   loads in onnxruntime {ort.__version__}: {model_rel}")
+        lines.append(f"ok   loads in onnxruntime {transform.onnxruntime_version()}: {model_rel}")
         with np.load(root / SAMPLE_FILENAME, allow_pickle=False) as z:
             inputs = {n: z[f"input_{i}"] for i, n in enumerate(input_names)}
             reference = {n: z[f"reference_{i}"] for i, n in enumerate(output_names)}

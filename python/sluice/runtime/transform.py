@@ -57,6 +57,10 @@ STATIC_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 ORT_FORMAT_SUFFIX = ".ort"
 
 
+def onnxruntime_version() -> str:
+    return str(ort.__version__)
+
+
 def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     """A plain onnxruntime CPU session on the file, as a device would create it."""
     so = ort.SessionOptions()
