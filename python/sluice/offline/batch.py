@@ -265,13 +265,14 @@ def score_measuring(
 ) -> tuple[int, list[dict[str, Array]]]:
     """Scores the first chunk while finding the batch size with the most rows/s:
     consecutive slices of the chunk run at growing sizes (2 batches per instance
-    each, at least MEASURE_MIN_S), until a size is 10 % slower than the best so
-    far; the rest of the chunk runs at the best. The measuring work is real
-    scoring, so finding the size costs nothing but the slower sizes' time.
-    Returns (best size, the chunk's results in order)."""
+    each, at least MEASURE_MIN_S), until a size is clearly slower (by a quarter)
+    than the best so far; the rest of the chunk runs at the largest size within
+    5 % of the best, since on a busy machine a larger batch is the safer pick.
+    The measuring work is real scoring, so finding the size costs nothing but
+    the slower sizes' time. Returns (the size, the chunk's results in order)."""
     rows = len(next(iter(feeds.values())))
     per_round = 2 * max(1, scorer.instances)
-    best, best_rate = BATCH_CANDIDATES[0], 0.0
+    rates: dict[int, float] = {}
     results: list[dict[str, Array]] = []
     pos = 0
     for size in BATCH_CANDIDATES:
@@ -291,11 +292,11 @@ def score_measuring(
             if elapsed_ns >= MEASURE_MIN_S * 1e9:
                 break
         elapsed_ns = max(1, time.monotonic_ns() - start_ns)
-        rate = done / (elapsed_ns / 1e9)
-        if rate > best_rate:
-            best, best_rate = size, rate
-        elif rate < 0.9 * best_rate:
+        rates[size] = done / (elapsed_ns / 1e9)
+        if rates[size] < 0.75 * max(rates.values()):
             break
+    top = max(rates.values(), default=0.0)
+    best = max((s for s, r in rates.items() if r >= 0.95 * top), default=BATCH_CANDIDATES[0])
     results += scorer.score(
         [{k: v[i : i + best] for k, v in feeds.items()} for i in range(pos, rows, best)]
     )
