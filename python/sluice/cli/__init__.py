@@ -11,7 +11,7 @@ import os
 import sys
 
 from sluice import __version__
-from sluice.cli import bench, drift, feedback, infer, models, serve
+from sluice.cli import bench, drift, feedback, infer, models, offline, serve
 from sluice.cli.common import LOG_LEVELS, ArgumentParser, print_help
 
 __all__ = ["build_parser", "main"]
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.set_defaults(func=print_help(parser))
 
-    for group in (serve, infer, bench, models, drift, feedback):
+    for group in (serve, infer, bench, models, drift, feedback, offline):
         group.register(sub)
     return parser
 

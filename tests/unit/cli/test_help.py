@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 from sluice import cli
 
-SUBCOMMANDS = {"serve", "infer", "bench", "models", "profile", "drift", "feedback"}
+SUBCOMMANDS = {
+    "serve",
+    "infer",
+    "bench",
+    "models",
+    "profile",
+    "drift",
+    "feedback",
+    "package",
+    "batch",
+}
 MODELS_SUBCOMMANDS = {"publish", "list", "show", "diff", "promote", "rollback"}
 
 
