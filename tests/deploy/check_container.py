@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "tabular_classifier"
 
@@ -91,9 +92,14 @@ def serve(grpc_port: int, http_port: int) -> None:
         client.close()
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as r:
         metrics = r.read().decode()
-    wanted = f'nv_inference_request_success{{model="{MODEL}",version="1"}} {requests}.0'
-    if wanted not in metrics:
-        fail(f"/metrics lacks {wanted!r}")
+    success = {
+        (sample.labels.get("model"), sample.labels.get("version")): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "nv_inference_request_success"
+    }
+    if success.get((MODEL, "1")) != requests:
+        fail(f"/metrics nv_inference_request_success for {MODEL} is {success}, not {requests}")
     print(
         f"models {sorted(index)} READY; {requests} tritonclient requests OK; "
         f"grpc health SERVING; /metrics counts them"
