@@ -18,6 +18,9 @@ base_default=localhost/sluice-debian-python:bookworm-minbase-1
 base=${BASE_IMAGE:-$base_default}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/docker/containers.conf}
 
+# Without systemd, podman cannot schedule an image's HEALTHCHECK and says so on
+# stderr; `podman healthcheck run` below runs it instead.
+quiet() { "$@" 2> >(grep -v "systemd connection" >&2); }
 skip() { echo "SKIP docker/build_and_test.sh: $*"; exit 0; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -46,7 +49,7 @@ if [[ "$base" == "$base_default" ]] && ! podman image exists "$base"; then
          "$rootfs"/var/lib/apt/lists/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
          "$rootfs"/usr/share/locale/*
   find "$rootfs"/usr/share/doc -type f ! -name copyright -delete
-  tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
+  tar -C "$rootfs" -c . | podman import --quiet --change 'CMD ["/bin/bash"]' - "$base" >/dev/null
   rm -rf "$rootfs" "$rootfs.log"
   echo "base image $base in $(since "$t") s"
 fi
@@ -81,9 +84,6 @@ name="sluice-test-$$"
 cleanup() { podman rm -f -t 0 "$name" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 echo "== run: 127.0.0.1:$grpc_port -> 8001 (gRPC), 127.0.0.1:$http_port -> 8002 (HTTP)"
-# Without systemd, podman cannot schedule the HEALTHCHECK (it says so on stderr);
-# `podman healthcheck run` below runs it.
-quiet() { "$@" 2> >(grep -v "systemd connection" >&2); }
 t=$(now)
 quiet podman run -d --name "$name" --stop-timeout 30 --memory 1g --cpus 2 \
   -p "127.0.0.1:$grpc_port:8001" -p "127.0.0.1:$http_port:8002" "$image" >/dev/null
