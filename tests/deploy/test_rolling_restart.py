@@ -250,7 +250,7 @@ def test_rolling_restart_and_publish_behind_nginx(
         load = Load(front)
         load.start()
         try:
-            wait_for(lambda: len(load.samples) >= 1000, "1000 steady-state requests", 60)
+            wait_for(lambda: len(load.samples) >= 3000, "3000 steady-state requests", 60)
             # 1. SIGTERM alone: nginx learns only from refused connections. Calls
             # it sends on a kept-alive connection as the replica's gRPC server
             # shuts down can fail (measured, see the report below).
