@@ -37,7 +37,7 @@ if [[ "$base" == "$base_default" ]] && ! podman image exists "$base"; then
   echo "== base image: debootstrap bookworm minbase from $mirror (once per machine)"
   t=$(now)
   rootfs=$(mktemp -d)
-  trap 'rm -rf "$rootfs"' EXIT
+  trap 'rm -rf "$rootfs" "$rootfs.log"' EXIT
   if ! debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
        bookworm "$rootfs" "$mirror" >"$rootfs.log" 2>&1; then
     tail -5 "$rootfs.log"
@@ -85,7 +85,8 @@ cleanup() { podman rm -f -t 0 "$name" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 echo "== run: 127.0.0.1:$grpc_port -> 8001 (gRPC), 127.0.0.1:$http_port -> 8002 (HTTP)"
 t=$(now)
-quiet podman run -d --name "$name" --stop-timeout 30 --memory 1g --cpus 2 \
+# --read-only as deploy/kubernetes runs it (readOnlyRootFilesystem; /tmp a tmpfs).
+quiet podman run -d --name "$name" --stop-timeout 30 --memory 1g --cpus 2 --read-only \
   -p "127.0.0.1:$grpc_port:8001" -p "127.0.0.1:$http_port:8002" "$image" >/dev/null
 check() { "$py" tests/deploy/check_container.py "$@"; }
 if ! check ready "$grpc_port" "$http_port" 120 >/dev/null; then
@@ -94,7 +95,7 @@ if ! check ready "$grpc_port" "$http_port" 120 >/dev/null; then
 fi
 echo "podman run to ready (every bundled model loaded): $(since "$t") s"
 check serve "$grpc_port" "$http_port"
-status=$(podman healthcheck run "$name" && echo healthy || echo unhealthy)
+status=$(podman healthcheck run "$name" >/dev/null && echo healthy || echo unhealthy)
 echo "HEALTHCHECK: $status"
 [[ "$status" == healthy ]]
 [[ "$(podman image inspect --format '{{.Config.User}} {{.Config.StopSignal}}' "$image")" == "10001:10001 SIGTERM" ]]

@@ -111,7 +111,7 @@ def drain(grpc_port: int, http_port: int, stop_cmd: list[str]) -> None:
     pool = concurrent.futures.ThreadPoolExecutor(8)
     try:
         start_s = time.monotonic()
-        stopper = subprocess.Popen(stop_cmd)
+        stopper = subprocess.Popen(stop_cmd, stdout=subprocess.DEVNULL)
         while health(grpc_port) != health_pb2.HealthCheckResponse.NOT_SERVING:
             if stopper.poll() is not None or time.monotonic() - start_s > 10:
                 fail("gRPC health never turned NOT_SERVING before the server stopped")
