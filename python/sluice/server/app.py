@@ -16,18 +16,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import sluice
-from sluice.dataplane import DataPlane
+from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
-from sluice.repository import ModelManager, SwapPolicy
+from sluice.repository import SwapPolicy
 from sluice.runtime import RuntimeOptions
+from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
 from sluice.server.http import HttpEndpoint
 from sluice.server.inference import InferenceServicer
+from sluice.server.ports import ensure_free
 
 log = logging.getLogger(__name__)
 
@@ -66,41 +68,53 @@ class ServerOptions:
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
     # (ModelStatistics counters stay: the protocol needs them).
     allow_metrics: bool = True
+    # Share the gRPC port with another process on purpose (SO_REUSEPORT); by
+    # default a port another process listens on fails the start.
+    reuse_port: bool = False
 
 
 class SluiceServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
+        # The loader is injected here: the lifecycle manager only decides what
+        # to load and when; the loader decides how (thread or process executors).
         self.models = ModelManager(
             options.model_repository,
-            options.runtime,
+            ExecutorLoader(options.runtime),
             swap_policy=options.swap_policy,
             on_change=self._set_health,
             detailed_stats=options.allow_metrics,
         )
         self._poller: asyncio.Task[None] | None = None
-        self.dataplane = DataPlane(self.models)
         self._ready = False
+        self.dataplane = DataPlane(
+            self.models,
+            server_name="sluice",
+            server_version=sluice.__version__,
+            is_ready=self.is_ready,
+            explicit_control=options.control_mode == "explicit",
+        )
         self._health = health.aio.HealthServicer()
         limit = options.max_message_bytes
         self._grpc = grpc.aio.server(
+            interceptors=[ErrorEdge()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.models, self.dataplane, self.is_ready, options.control_mode == "explicit"
-            ),
-            self._grpc,
+            InferenceServicer(self.dataplane), self._grpc
         )
-        spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.models), self._grpc)
+        spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.dataplane), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._grpc,
         )
+        if not options.reuse_port:
+            ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
+            ensure_free(options.host, options.http_port, "HTTP", "--http-port")
         self.grpc_port = 0
         if not options.grpc_listen_after_load:
             self._listen_grpc()
@@ -124,9 +138,18 @@ class SluiceServer:
     def _version_views(self) -> Iterator[VersionView]:
         for m in list(self.models.models.values()):
             for v in list(m.versions.values()):
-                queued = v.scheduler.queued_requests if v.scheduler is not None else 0
+                scheduler = v.scheduler
+                queued = scheduler.queued_requests if scheduler is not None else 0
                 yield VersionView(
-                    m.name, str(v.version), v.state.value, queued, v.load_seconds, v.stats, v.drift
+                    m.name,
+                    str(v.version),
+                    v.state.value,
+                    queued,
+                    v.load_seconds,
+                    v.stats,
+                    v.drift,
+                    executor=scheduler.executor.kind if scheduler is not None else "",
+                    executor_restarts=scheduler.executor.restarts if scheduler is not None else 0,
                 )
 
     async def _set_health(self) -> None:
@@ -138,7 +161,7 @@ class SluiceServer:
         await self._health.set("", overall)
         await self._health.set(SERVICE_NAME, overall)
         for name, model in self.models.models.items():
-            serving = self._ready and bool(model.ready_versions())
+            serving = self._ready and any(v.serving for v in model.ready_versions())
             await self._health.set(
                 name,
                 health_pb2.HealthCheckResponse.SERVING
