@@ -26,6 +26,8 @@ def serve_command(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         grace_seconds=args.grace_seconds,
+        drain_delay_seconds=args.drain_delay_secs,
+        grpc_listen_after_load=args.grpc_listen_after_load,
         max_message_bytes=args.grpc_max_message_bytes,
         runtime=RuntimeOptions(
             provider_fallback=args.execution_provider_fallback,
@@ -71,6 +73,19 @@ def register(sub: Any) -> None:
         type=float,
         default=defaults.GRACE_SECONDS,
         help="on SIGINT/SIGTERM, time to finish accepted requests",
+    )
+    serve.add_argument(
+        "--drain-delay-secs",
+        type=float,
+        default=0.0,
+        help="on SIGINT/SIGTERM, seconds to keep serving while reporting not ready, "
+        "before refusing new RPCs (lets load balancers stop routing here first)",
+    )
+    serve.add_argument(
+        "--grpc-listen-after-load",
+        action="store_true",
+        help="open the gRPC port only when the initial load is done (for load "
+        "balancers that do not check readiness, such as nginx)",
     )
     serve.add_argument(
         "--grpc-max-message-bytes",

@@ -47,6 +47,15 @@ class ServerOptions:
     http_port: int = defaults.HTTP_PORT
     grace_seconds: float = defaults.GRACE_SECONDS
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES  # why this size: sluice.defaults
+    # On SIGTERM: seconds spent reporting not ready while still serving, before the
+    # gRPC port stops accepting. Load balancers that watch readiness (Kubernetes
+    # endpoints, KServe) stop routing here during it; 0 stops accepting at once.
+    drain_delay_seconds: float = 0.0
+    # Open the gRPC port only once the initial load is done (HTTP health and
+    # /metrics listen from the start). For load balancers that do not check
+    # readiness (nginx): a loading replica refuses connections, which they retry
+    # elsewhere, instead of answering UNAVAILABLE.
+    grpc_listen_after_load: bool = False
     runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
     cost: CostModel = dataclasses.field(default_factory=CostModel)
     # Triton's --model-control-mode: none (load all at start), poll (rescan every
@@ -105,10 +114,9 @@ class SluiceServer:
         if not options.reuse_port:
             ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
             ensure_free(options.host, options.http_port, "HTTP", "--http-port")
-        address = f"{options.host}:{options.grpc_port}"
-        self.grpc_port = self._grpc.add_insecure_port(address)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
+        self.grpc_port = 0
+        if not options.grpc_listen_after_load:
+            self._listen_grpc()
         registry = (
             build_registry(self._version_views, sluice.__version__, options.cost)
             if options.allow_metrics
@@ -116,6 +124,12 @@ class SluiceServer:
         )
         self._http = HttpEndpoint(options.host, options.http_port, registry, self.is_ready)
         self.http_port = self._http.port
+
+    def _listen_grpc(self) -> None:
+        address = f"{self.options.host}:{self.options.grpc_port}"
+        self.grpc_port = self._grpc.add_insecure_port(address)  # binds and listens
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
 
     def is_ready(self) -> bool:
         return self._ready
@@ -157,12 +171,13 @@ class SluiceServer:
     async def start(self) -> None:
         """Listens first (live, not ready), loads the repository, then turns ready."""
         await self._set_health()
-        await self._grpc.start()
+        if not self.options.grpc_listen_after_load:
+            await self._grpc.start()
         self._http.start()
         log.info(
-            "listening: grpc %s:%d, http %s:%d",
+            "listening: grpc %s:%s, http %s:%d",
             self.options.host,
-            self.grpc_port,
+            self.grpc_port or "after the initial load",
             self.options.host,
             self.http_port,
         )
@@ -175,6 +190,9 @@ class SluiceServer:
             await self.models.sync()
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="sluice-repository-poll")
+        if self.options.grpc_listen_after_load:
+            self._listen_grpc()
+            await self._grpc.start()
         self._ready = True
         await self._set_health()
 
@@ -188,11 +206,16 @@ class SluiceServer:
                 log.exception("repository poll failed")
 
     async def stop(self) -> None:
-        """Stops in order: not ready; refuse new RPCs; let accepted ones finish
-        within the grace period; unload models; close HTTP."""
+        """Stops in order: not ready (still serving for the drain delay); refuse
+        new RPCs; let accepted ones finish within the grace period; unload models;
+        close HTTP."""
         self._ready = False
         if self._poller is not None:
             self._poller.cancel()
+        if self.options.drain_delay_seconds > 0:
+            await self._set_health()  # NOT_SERVING everywhere, RPCs still answered
+            log.info("not ready; accepting for %.1fs more", self.options.drain_delay_seconds)
+            await asyncio.sleep(self.options.drain_delay_seconds)
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(self.options.grace_seconds)
         await self.models.unload_all()
