@@ -151,14 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness.install_cleanup()
     if not args.no_build:
         build_models.build(args.repo)
-    pa_args = argparse.Namespace(
-        stability_pct=batching.STABILITY_PCT,
-        retry_stability_pct=batching.RETRY_STABILITY_PCT,
-        retry_on_mean=True,
-        measurement_interval=args.measurement_interval,
-        max_trials=batching.MAX_TRIALS,
-        pa_args="",
-    )
+    pa_args = batching.pa_settings(args.measurement_interval)
     deadline = time.monotonic() + 30 * 60
     rows: list[dict[str, Any]] = []
     for stage in args.stages.split(","):

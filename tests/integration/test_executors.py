@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ import psutil
 import pytest
 import tritonclient.grpc as tc
 from conftest import ServerProcess
-from test_rollout import CONFIG, scaler
+from test_rollout import CONFIG, metric, scaler
 from tritonclient.utils import InferenceServerException
 
 SLOW_CONFIG = CONFIG.replace("version_policy: { all: {} }\n", "") + (
@@ -52,14 +51,6 @@ def _children(server: ServerProcess, model: str) -> list[psutil.Process]:
         if "sluice.executors.child" in cmdline and cmdline[-1].startswith(f"{model}/"):
             found.append(p)
     return found
-
-
-def _metric(server: ServerProcess, name: str, **labels: str) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5)
-    for line in body.read().decode().splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_killed_executor_fails_only_its_batch_and_comes_back(
@@ -124,8 +115,8 @@ def test_killed_executor_fails_only_its_batch_and_comes_back(
     assert 0 < sum(failed.values()) <= 8, outcomes
     assert all("'victim' version 1 instance 0" in m and "died" in m for m in messages), messages
     assert outcomes["bystander"].keys() == {"ok"}, outcomes
-    assert _metric(server, "sluice_executor_restarts_total", model="victim") == 1
-    assert _metric(server, "sluice_executor_restarts_total", model="bystander") == 0
+    assert metric(server, "sluice_executor_restarts_total", model="victim") == 1
+    assert metric(server, "sluice_executor_restarts_total", model="bystander") == 0
     assert "executor process died (killed by SIGKILL)" in server.log
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ def executor_kind(config: mc.ModelConfig, server_default: str) -> str:
         raise ModelLoadError(
             f"parameter 'executor' must be one of {', '.join(EXECUTOR_KINDS)}, got {kind!r}"
         )
+    if kind == PROCESS and not sys.platform.startswith("linux"):
+        raise ModelLoadError("the process executor needs Linux (memfd, timerfd); use 'thread'")
     return kind
 
 

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -341,7 +342,7 @@ class ProcessExecutor:
                 total += len(blob)
                 continue
             shape = (total_rows, *arr.shape[1:]) if len(parts) > 1 else tuple(arr.shape)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * arr.dtype.itemsize
+            nbytes = math.prod(shape) * arr.dtype.itemsize
             total = wire.aligned(total)
             plan.append((name, arr.dtype, shape, total, parts))
             total += nbytes
@@ -358,7 +359,7 @@ class ProcessExecutor:
                 mm[offset : offset + len(data)] = data
                 slots.append(wire.TensorSlot(name, dtype, shape, offset, len(data), True))
                 continue
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             out = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
             _core.gather_rows([as_bytes(p) for p in data], out)
             slots.append(wire.TensorSlot(name, dtype, shape, offset, nbytes))
@@ -456,14 +457,14 @@ class ProcessExecutor:
             if slab is not None:
                 slab.close()
         inst.in_slab = inst.out_slab = None
+        # A child that died is a zombie by the time its socket reads EOF, so
+        # poll() has its status; one that closed the socket and lives on is
+        # broken: kill it and reap it off the loop.
         code = proc.poll() if proc is not None else None
         if code is None and proc is not None:
-            try:
-                code = proc.wait(timeout=1.0)  # its socket closed: it is exiting
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-        how = _how(code)
+            proc.kill()
+            self._loop.run_in_executor(None, proc.wait)
+        how = _how(code) if code is not None else "closed its connection"
         job = inst.inflight
         inst.inflight = None
         if not self._stopping:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import mmap
 import os
 import pickle
@@ -96,7 +97,7 @@ def aligned(offset: int) -> int:
 def view(slab: mmap.mmap, slot: TensorSlot) -> Array:
     """The tensor in place (numeric), or decoded (BYTES). No copy for numeric."""
     if slot.serialized:
-        count = int(np.prod(slot.shape, dtype=np.int64))
+        count = math.prod(slot.shape)
         raw = memoryview(slab)[slot.offset : slot.offset + slot.nbytes]
         # As text: onnxruntime's string tensors hold str (inputs were checked
         # as UTF-8 when decoded from the wire; outputs come from onnxruntime).
@@ -105,7 +106,7 @@ def view(slab: mmap.mmap, slot: TensorSlot) -> Array:
         out = np.empty(count, dtype=object)
         out[:] = elements
         return out.reshape(slot.shape)
-    count = int(np.prod(slot.shape, dtype=np.int64))
+    count = math.prod(slot.shape)
     return np.frombuffer(slab, dtype=slot.dtype, count=count, offset=slot.offset).reshape(
         slot.shape
     )

@@ -27,18 +27,18 @@ class GuardLimits:
     """When a canary is rolled back: over the last `window` canary requests
     (once at least `min_requests` are in), error rate above `max_error_rate`,
     p99 latency above `max_p99_ratio` x the stable version's p99 over its last
-    `window` requests in the same split (and more than `min_p99_excess_s`
-    above it, with the p50 above the same ratio), or a share of outputs that
-    disagree with stable's above `max_divergence` (outputs agree when
-    allclose(rtol, atol))."""
+    `window` requests in the same split, with its p50 above the same ratio of
+    stable's p50 too, both by more than `min_latency_excess_s`; or a share of
+    outputs that disagree with stable's above `max_divergence` (outputs agree
+    when allclose(rtol, atol))."""
 
     window: int = 200
     min_requests: int = 50
     max_error_rate: float = 0.05
     max_p99_ratio: float = 2.0
-    # A p99 gap below this is scheduling noise on a busy host, not a slow canary
-    # (sub-millisecond models double their p99 with one preemption).
-    min_p99_excess_s: float = 0.001
+    # Latency gaps below this are scheduling noise on a busy host, not a slow
+    # canary (sub-millisecond models double their latency with one preemption).
+    min_latency_excess_s: float = 0.005
     max_divergence: float = 0.01
     rtol: float = 1e-4
     atol: float = 1e-5
@@ -92,7 +92,8 @@ class CanaryGuard:
                 stable_p99 > 0
                 and canary_p99 > lim.max_p99_ratio * stable_p99
                 and canary_p50 > lim.max_p99_ratio * stable_p50
-                and canary_p99 - stable_p99 > lim.min_p99_excess_s
+                and canary_p99 - stable_p99 > lim.min_latency_excess_s
+                and canary_p50 - stable_p50 > lim.min_latency_excess_s
             ):
                 return (
                     f"p99 latency {canary_p99 * 1e3:.2f} ms exceeds {lim.max_p99_ratio:g}x "

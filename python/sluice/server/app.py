@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import sluice
+from sluice import defaults
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
@@ -28,36 +29,47 @@ from sluice.runtime import RuntimeOptions
 from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
 from sluice.server.inference import InferenceServicer
+from sluice.server.ports import ensure_free
 from sluice.server.rest import RestLimits, RestServer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSION_NAME = spb.DESCRIPTOR.services_by_name["SluiceService"].full_name
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+EXAMPLES = defaults.EXAMPLES
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
     model_repository: Path = EXAMPLES
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    http_port: int = 8002
-    grace_seconds: float = 30.0
-    # Triton accepts up to 2 GiB; a smaller default bounds what one client can
-    # make the server hold. Larger messages get RESOURCE_EXHAUSTED.
-    max_message_bytes: int = 256 * 1024 * 1024
+    host: str = defaults.HOST
+    grpc_port: int = defaults.GRPC_PORT
+    http_port: int = defaults.HTTP_PORT
+    grace_seconds: float = defaults.GRACE_SECONDS
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES  # why this size: sluice.defaults
+    # On SIGTERM: seconds spent reporting not ready while still serving, before the
+    # gRPC port stops accepting. Load balancers that watch readiness (Kubernetes
+    # endpoints, KServe) stop routing here during it; 0 stops accepting at once.
+    drain_delay_seconds: float = 0.0
+    # Open the gRPC port only once the initial load is done (HTTP health and
+    # /metrics listen from the start). For load balancers that do not check
+    # readiness (nginx): a loading replica refuses connections, which they retry
+    # elsewhere, instead of answering UNAVAILABLE.
+    grpc_listen_after_load: bool = False
     runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
     cost: CostModel = dataclasses.field(default_factory=CostModel)
     # Triton's --model-control-mode: none (load all at start), poll (rescan every
     # repository_poll_secs), explicit (load/unload RPCs; load_models at start).
     control_mode: str = "none"
-    repository_poll_secs: float = 15.0
+    repository_poll_secs: float = defaults.REPOSITORY_POLL_SECS
     load_models: tuple[str, ...] = ()
     swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
     # (ModelStatistics counters stay: the protocol needs them).
     allow_metrics: bool = True
+    # Share the gRPC port with another process on purpose (SO_REUSEPORT); by
+    # default a port another process listens on fails the start.
+    reuse_port: bool = False
     # Triton's --strict-readiness: ready only while every model that should load
     # has a ready version; False: ready once the start-up load has run.
     strict_readiness: bool = True
@@ -102,10 +114,12 @@ class SluiceServer:
             (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._grpc,
         )
-        address = f"{options.host}:{options.grpc_port}"
-        self.grpc_port = self._grpc.add_insecure_port(address)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
+        if not options.reuse_port:
+            ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
+            ensure_free(options.host, options.http_port, "HTTP", "--http-port")
+        self.grpc_port = 0
+        if not options.grpc_listen_after_load:
+            self._listen_grpc()
         registry = (
             build_registry(self._version_views, sluice.__version__, options.cost)
             if options.allow_metrics
@@ -120,6 +134,12 @@ class SluiceServer:
             RestLimits(max_body_bytes=limit),
         )
         self.http_port = self._rest.port
+
+    def _listen_grpc(self) -> None:
+        address = f"{self.options.host}:{self.options.grpc_port}"
+        self.grpc_port = self._grpc.add_insecure_port(address)  # binds and listens
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
 
     def is_ready(self) -> bool:
         if not self._ready:
@@ -163,12 +183,13 @@ class SluiceServer:
     async def start(self) -> None:
         """Listens first (live, not ready), loads the repository, then turns ready."""
         await self._set_health()
-        await self._grpc.start()
+        if not self.options.grpc_listen_after_load:
+            await self._grpc.start()
         await self._rest.start()
         log.info(
-            "listening: grpc %s:%d, http %s:%d",
+            "listening: grpc %s:%s, http %s:%d",
             self.options.host,
-            self.grpc_port,
+            self.grpc_port or "after the initial load",
             self.options.host,
             self.http_port,
         )
@@ -181,6 +202,9 @@ class SluiceServer:
             await self.models.sync()
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="sluice-repository-poll")
+        if self.options.grpc_listen_after_load:
+            self._listen_grpc()
+            await self._grpc.start()
         self._ready = True
         await self._set_health()
 
@@ -194,20 +218,26 @@ class SluiceServer:
                 log.exception("repository poll failed")
 
     async def stop(self) -> None:
-        """Stops in order: not ready; refuse new RPCs; let accepted ones finish
-        (gRPC and REST) within the grace period; unload models."""
+        """Stops in order: not ready (still serving for the drain delay); refuse
+        new requests; let accepted ones finish (gRPC and REST) within the grace
+        period; unload models."""
         self._ready = False
         if self._poller is not None:
             self._poller.cancel()
+        if self.options.drain_delay_seconds > 0:
+            await self._set_health()  # NOT_SERVING everywhere, RPCs still answered
+            log.info("not ready; accepting for %.1fs more", self.options.drain_delay_seconds)
+            await asyncio.sleep(self.options.drain_delay_seconds)
         await self._health.enter_graceful_shutdown()
         grace = self.options.grace_seconds
         await asyncio.gather(self._grpc.stop(grace), self._rest.stop(grace))
         await self.models.unload_all()
 
     def ready_banner(self) -> str:
+        paths = "KServe v2 REST, /metrics" if self.options.allow_metrics else "KServe v2 REST"
         lines = [
             f"sluice {sluice.__version__} ready: grpc {self.options.host}:{self.grpc_port}, "
-            f"http {self.options.host}:{self.http_port} (KServe v2 REST, /metrics)",
+            f"http {self.options.host}:{self.http_port} ({paths})",
             f"model repository: {self.options.model_repository}",
         ]
         for name, model in sorted(self.models.models.items()):

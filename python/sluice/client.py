@@ -1,7 +1,11 @@
-"""A small synchronous KServe v2 gRPC client for the CLI (`sluice infer`)."""
+"""The client side of sluice: the one place a client opens a channel to a
+server (every command that talks to one goes through channel()/aio_channel(),
+so transport security is added here once), and a small synchronous KServe v2
+client for `sluice infer`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -10,6 +14,18 @@ import numpy as np
 from sluice import _core, datatypes
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def channel(url: str, options: ChannelOptions = ()) -> grpc.Channel:
+    """A blocking channel to the server at host:port."""
+    return grpc.insecure_channel(url, options=list(options))
+
+
+def aio_channel(url: str, options: ChannelOptions = ()) -> grpc.aio.Channel:
+    """An asyncio channel to the server at host:port."""
+    return grpc.aio.insecure_channel(url, options=list(options))
 
 
 class ClientError(Exception):
@@ -21,7 +37,7 @@ class ClientError(Exception):
 
 class InferenceClient:
     def __init__(self, url: str, timeout_s: float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(url)
+        self._channel = channel(url)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout = timeout_s
 
