@@ -22,10 +22,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import ServerProcess
-from sluice import cli
+from sluice import cli, defaults
 from sluice.offline import batch
 
-EXAMPLES = Path(cli.__file__).resolve().parent / "examples" / "models"
+EXAMPLES = defaults.EXAMPLES
 TABULAR = "tabular_classifier"
 IMAGE = "image_classifier"
 Array = np.ndarray[Any, Any]

@@ -22,10 +22,10 @@ import tritonclient.grpc as tc
 from conftest import ServerProcess
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sluice import cli
+from sluice import cli, defaults
 from sluice.offline import bundle
 
-EXAMPLES = Path(cli.__file__).resolve().parent / "examples" / "models"
+EXAMPLES = defaults.EXAMPLES
 PROFILES = ("server-cpu", "mobile", "gpu-fp16")
 FAST = ["--latency-seconds", "0.05"]
 SOURCES = {

@@ -56,6 +56,7 @@ def test_readme_commands_run_as_written(
     bin_dir = str(Path(sys.executable).parent)  # `sluice` and `python` of this environment
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     server: ServerProcess | None = None
+    servers: dict[str, ServerProcess] = {}  # README address -> the server started for it
     ran = 0
     for kind, text in readme_steps():
         if kind == "python":
@@ -76,14 +77,31 @@ def test_readme_commands_run_as_written(
         for part in (p.strip() for p in text.split("&&")):
             words = shlex.split(part.removesuffix("&").strip())
             if words[:2] == ["sluice", "serve"]:
-                server = start_server(None, *words[2:])
-                env["SLUICE_URL"] = server.url
-                env["SLUICE_METRICS_URL"] = f"http://127.0.0.1:{server.http_port}/metrics"
+                # Paths in the README are relative to where its commands ran; its
+                # ports become free ones, and its addresses point at them.
+                args, port, rest = [], "8001", words[2:]
+                while rest:
+                    word = rest.pop(0)
+                    if word in ("--grpc-port", "--http-port"):
+                        value = rest.pop(0)
+                        port = value if word == "--grpc-port" else port
+                    elif word == "--model-repository":
+                        args += [word, str(tmp_path / rest.pop(0))]
+                    else:
+                        args.append(word)
+                started = start_server(None, *args)
+                servers[f"127.0.0.1:{port}"] = started
+                if port == "8001":  # the default address: commands without --url reach it
+                    server = started
+                    env["SLUICE_URL"] = server.url
+                    env["SLUICE_METRICS_URL"] = f"http://127.0.0.1:{server.http_port}/metrics"
                 ran += 1
                 continue
             if part in NOT_RUN:
                 continue
             assert server is not None, f"{part!r} comes before any `sluice serve`"
+            for address, started in servers.items():
+                part = part.replace(address, started.url)
             done = subprocess.run(
                 ["bash", "-c", part],
                 cwd=tmp_path,

@@ -219,7 +219,7 @@ class RemoteScorer(Scorer):
     chunk in flight on it (the server's batcher and instances do the rest)."""
 
     def __init__(self, url: str, model: str, version: int | None, timeout_s: float):
-        from sluice.server.client import ClientError
+        from sluice.client import ClientError
         from sluice.server.stream_client import StreamClient
 
         self._client = StreamClient(url, timeout_s)
@@ -532,7 +532,7 @@ def _run(options: BatchOptions, scorer: Scorer) -> BatchResult:
 
 
 def _write_report(path: Path, report: Mapping[str, Any]) -> None:
-    from sluice.drift_cli import format_report
+    from sluice.cli.drift import format_report
 
     if path.suffix.lower() == ".json":
         text = json.dumps(report, indent=2) + "\n"

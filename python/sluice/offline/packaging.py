@@ -155,7 +155,7 @@ class Packaged:
 
 
 def _read(path: Path, config: mc.ModelConfig) -> dict[str, Array]:
-    from sluice.drift_cli import DriftCliError, read_data
+    from sluice.cli.drift import DriftCliError, read_data
 
     try:
         data = read_data(path, config)
@@ -555,7 +555,7 @@ def package(options: PackageOptions) -> Packaged:
         )
     validation = _head(validation, options.validation_rows)
 
-    from sluice.drift_cli import run_model
+    from sluice.cli.drift import run_model
 
     reference = run_model(runtime, config, validation)
     version_dir = source_path.parent

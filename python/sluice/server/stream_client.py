@@ -13,10 +13,11 @@ from typing import Any
 import grpc
 import numpy as np
 
+from sluice import client
+from sluice.client import ClientError, decode_outputs
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import model_config_pb2 as mc
-from sluice.server.client import ClientError, decode_outputs
 
 Array = np.ndarray[Any, Any]
 
@@ -24,12 +25,9 @@ Array = np.ndarray[Any, Any]
 class StreamClient:
     def __init__(self, url: str, timeout_s: float) -> None:
         # Offline batches are large by design; the server enforces its own limit.
-        self._channel = grpc.insecure_channel(
+        self._channel = client.channel(
             url,
-            options=[
-                ("grpc.max_send_message_length", -1),
-                ("grpc.max_receive_message_length", -1),
-            ],
+            [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout_s = timeout_s
