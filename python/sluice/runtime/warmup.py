@@ -4,6 +4,7 @@ has it, else one generated request (batch 1, dynamic dims 1, zeros)."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 from sluice import datatypes
 from sluice.errors import ModelLoadError
 from sluice.proto import model_config_pb2 as mc
+from sluice.repository import layout
 from sluice.runtime.session import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,27 @@ def _array(
     return np.zeros(shape, dtype=dt.numpy)
 
 
+# Warm-up data beyond this is refused: a warm-up request is one small batch.
+MAX_WARMUP_FILE_BYTES = 256 * 1024 * 1024
+
+
+def _warmup_file(
+    model_dir: Path, filename: str, dt: datatypes.DataType, shape: list[int], input_name: str
+) -> bytes:
+    """The bytes of `<model>/warmup/<filename>`: inside the model folder, a
+    regular file, exactly the declared tensor's size (fixed-size types). The
+    error never says whether a path outside the folder exists, nor its size."""
+    path = layout.inside(model_dir, Path("warmup") / filename, f"warm-up file of '{input_name}'")
+    what = f"warm-up file {filename!r} of input '{input_name}'"
+    expected = None
+    if not dt.is_bytes:
+        expected = math.prod(shape) * dt.itemsize
+    try:
+        return layout.read_bounded(path, MAX_WARMUP_FILE_BYTES, what, expected_bytes=expected)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{what} is not in the model's warmup folder") from None
+
+
 def _configured_requests(
     config: mc.ModelConfig, model_dir: Path
 ) -> list[tuple[str, int, dict[str, np.ndarray[Any, Any]]]]:
@@ -46,7 +69,7 @@ def _configured_requests(
             which = spec.WhichOneof("input_data_type")
             raw = None
             if which == "input_data_file":
-                raw = (model_dir / "warmup" / spec.input_data_file).read_bytes()
+                raw = _warmup_file(model_dir, spec.input_data_file, dt, shape, name)
             feeds[name] = _array(
                 dt, shape, "random" if which == "random_data" else "zero", rng, raw
             )

@@ -138,6 +138,11 @@ class Scheduler:
         except _core.StatusError as exc:
             del self._tickets[ticket_id]
             raise from_code(*exc.args) from None
+        except BaseException:
+            # Any other refusal (e.g. a value the binding cannot hold): the ticket
+            # must not outlive a failed enqueue, or it keeps its inputs forever.
+            del self._tickets[ticket_id]
+            raise
         try:
             return await future
         except asyncio.CancelledError:
