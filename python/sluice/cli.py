@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from sluice import __version__, datatypes
+from sluice.server import security
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,6 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
     repo = Path(args.model_repository) if args.model_repository else EXAMPLES
     if not repo.is_dir():
         print(f"sluice: model repository {repo} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        secured = security.options_from_args(args)
+    except ValueError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
         return 2
     options = ServerOptions(
         model_repository=repo,
@@ -47,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
             gpus=args.gpus,
             cores=available_cores(),
         ),
+        **secured,
     )
     run(options)
     return 0
@@ -82,7 +89,9 @@ def _random_inputs(meta: Any) -> dict[str, np.ndarray[Any, Any]]:
 def _infer(args: argparse.Namespace) -> int:
     from sluice.server.client import ClientError, InferenceClient
 
-    client = InferenceClient(args.url, timeout_s=args.timeout)
+    client = InferenceClient(
+        args.url, timeout_s=args.timeout, tls=security.client_tls_from_args(args)
+    )
     try:
         meta = client.metadata(args.model, args.model_version)
         types = {t.name: t.datatype for t in meta.inputs}
@@ -273,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="added per GPU (see --gpus)",
     )
     serve.add_argument("--gpus", type=int, default=0, help="GPUs priced by --cost-per-gpu-hour")
+    security.add_serve_arguments(serve)  # TLS, restricted APIs, request bounds (issue 15)
     serve.set_defaults(func=_serve)
 
     infer = sub.add_parser("infer", help="send one inference request and print the outputs")
@@ -291,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--model-version", default="")
     infer.add_argument("--url", default="127.0.0.1:8001")
     infer.add_argument("--timeout", type=float, default=30.0)
+    security.add_client_arguments(infer)
     infer.set_defaults(func=_infer)
 
     models = sub.add_parser("models", help="model registry: publish versions, inspect, label")

@@ -16,7 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import sluice
+from sluice import limits
 from sluice.dataplane import DataPlane
+from sluice.limits import RequestLimits
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
 from sluice.proto import grpc_service_pb2 as pb
@@ -25,7 +27,10 @@ from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 from sluice.repository import ModelManager, SwapPolicy
 from sluice.runtime import RuntimeOptions
+from sluice.server import security
 from sluice.server.extension import SluiceServicer
+from sluice.server.http import IDLE_TIMEOUT_S as HTTP_IDLE_TIMEOUT_S
+from sluice.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from sluice.server.http import HttpEndpoint
 from sluice.server.inference import InferenceServicer
 
@@ -57,6 +62,15 @@ class ServerOptions:
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
     # (ModelStatistics counters stay: the protocol needs them).
     allow_metrics: bool = True
+    # ---- security (issue 15): TLS per port, restricted API groups, bounds
+    grpc_tls: security.TlsOptions | None = None
+    http_tls: security.TlsOptions | None = None
+    grpc_restricted: tuple[security.Restriction, ...] = ()
+    http_restricted: tuple[security.Restriction, ...] = ()
+    reflection: bool = True
+    http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
+    http_max_connections: int = HTTP_MAX_CONNECTIONS
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
 
 class SluiceServer:
@@ -74,11 +88,20 @@ class SluiceServer:
         self._ready = False
         self._health = health.aio.HealthServicer()
         limit = options.max_message_bytes
+        # Security (issue 15): request bounds, the restricted-API interceptor.
+        limits.configure(options.limits)
+        receive_limit = min(limit, options.limits.max_request_bytes)
+        interceptors = (
+            [security.RestrictedApiInterceptor(options.grpc_restricted)]
+            if options.grpc_restricted
+            else []
+        )
         self._grpc = grpc.aio.server(
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", limit),
-            ]
+            ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
@@ -88,12 +111,17 @@ class SluiceServer:
         )
         spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.models), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self._grpc,
-        )
+        if options.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                self._grpc,
+            )
         address = f"{options.host}:{options.grpc_port}"
-        self.grpc_port = self._grpc.add_insecure_port(address)
+        if options.grpc_tls is not None:
+            credentials = security.grpc_server_credentials(options.grpc_tls)
+            self.grpc_port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
         registry = (
@@ -101,7 +129,20 @@ class SluiceServer:
             if options.allow_metrics
             else None
         )
-        self._http = HttpEndpoint(options.host, options.http_port, registry, self.is_ready)
+        self._http = HttpEndpoint(
+            options.host,
+            options.http_port,
+            registry,
+            self.is_ready,
+            idle_timeout_s=options.http_idle_timeout_s,
+            max_connections=options.http_max_connections,
+            tls=security.ReloadingSslContext(options.http_tls) if options.http_tls else None,
+            restricted=options.http_restricted,
+        )
+        for warning in security.exposure_warnings(
+            options.host, options.grpc_tls, options.http_tls, options.grpc_restricted
+        ):
+            log.warning("SECURITY: %s", warning)
         self.http_port = self._http.port
 
     def is_ready(self) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 from sluice import _core, datatypes
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
+from sluice.server.security import ClientTls, make_channel
 
 
 class ClientError(Exception):
@@ -20,8 +21,8 @@ class ClientError(Exception):
 
 
 class InferenceClient:
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(url)
+    def __init__(self, url: str, timeout_s: float = 30.0, tls: ClientTls | None = None) -> None:
+        self._channel = make_channel(url, tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout = timeout_s
 
