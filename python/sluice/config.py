@@ -148,7 +148,8 @@ def bounds_problem(config: mc.ModelConfig) -> str | None:
         _over("the number of outputs", len(config.output), 0, MAX_TENSORS),
         _over("the number of model_warmup entries", len(config.model_warmup), 0, MAX_WARMUPS),
     ]
-    for t in (*config.input, *config.output):
+    tensors: list[mc.ModelInput | mc.ModelOutput] = [*config.input, *config.output]
+    for t in tensors:
         dims = list(t.reshape.shape) if t.HasField("reshape") else []
         for d in (*t.dims, *dims):
             checks.append(_over(f"a dim of tensor '{t.name}'", d, -1, MAX_DIM))
