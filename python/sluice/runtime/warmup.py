@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +89,23 @@ def _generated_request(config: mc.ModelConfig) -> dict[str, np.ndarray[Any, Any]
     return feeds
 
 
-def warm_up(runtime: ModelRuntime, config: mc.ModelConfig, model_dir: Path) -> None:
-    """Runs warm-up requests on every instance. A configured warm-up that fails
-    fails the load (as in Triton); a generated one only logs, since a model may
-    legitimately reject synthetic zeros."""
+# A configured warm-up (count x instances runs) stops failing the load past this:
+# a config cannot keep a version LOADING, and its load slot taken, for hours.
+WARMUP_BUDGET_S = 300.0
+
+
+def warm_up(
+    runtime: ModelRuntime,
+    config: mc.ModelConfig,
+    model_dir: Path,
+    budget_s: float = WARMUP_BUDGET_S,
+) -> None:
+    """Runs warm-up requests on every instance. A configured warm-up that fails,
+    or runs past `budget_s` (checked between runs), fails the load (as in
+    Triton); a generated one only logs, since a model may legitimately reject
+    synthetic zeros."""
     outputs = [o.name for o in config.output]
+    deadline = time.monotonic() + budget_s
     if config.model_warmup:
         try:
             requests = _configured_requests(config, model_dir)
@@ -102,6 +115,11 @@ def warm_up(runtime: ModelRuntime, config: mc.ModelConfig, model_dir: Path) -> N
             ) from exc
         for name, count, feeds in requests:
             for _ in range(count * runtime.instance_count):
+                if time.monotonic() >= deadline:
+                    raise ModelLoadError(
+                        f"warm-up '{name}' of model '{config.name}' ran past its "
+                        f"{budget_s:g} s budget"
+                    )
                 try:
                     runtime.run(feeds, outputs)
                 except Exception as exc:
