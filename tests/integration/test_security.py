@@ -294,3 +294,45 @@ def test_out_of_range_parameters_are_invalid_and_release_what_they_hold(
     assert grown < 48 << 20, f"RSS grew by {grown >> 20} MiB over 300 refused requests"
     stats = client.get_inference_statistics("wide", as_json=True)["model_stats"][0]
     assert int(stats["inference_stats"]["fail"]["count"]) == 402  # every refusal is counted
+
+
+def _external_weights_model(path: Path, location: str) -> None:
+    """y = x + w, with w's data in an external file at `location`."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    w.external_data.add(key="location", value=location)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "ext",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def test_external_data_outside_the_model_folder_is_refused(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    repo, outside = layout(tmp_path)
+    np.ones((1, 4), np.float32).tofile(outside / "weights.bin")
+    _external_weights_model(repo / "relative" / "1" / "model.onnx", "../../../outside/weights.bin")
+    _external_weights_model(repo / "absolute" / "1" / "model.onnx", str(outside / "weights.bin"))
+    _external_weights_model(repo / "symlink" / "1" / "model.onnx", "weights.bin")
+    (repo / "symlink" / "1" / "weights.bin").symlink_to(outside / "weights.bin")
+    _external_weights_model(repo / "inside" / "1" / "model.onnx", "weights.bin")
+    np.ones((1, 4), np.float32).tofile(repo / "inside" / "1" / "weights.bin")
+    server = start_server(repo, "--model-control-mode", "explicit")
+    client = tc.InferenceServerClient(server.url)
+    for name in ("relative", "absolute", "symlink"):
+        message = _load_error(client, name)
+        assert "External data path" in message, message
+        assert not client.is_model_ready(name)
+    client.load_model("inside")  # external data beside the model file is fine
+    assert client.is_model_ready("inside")
