@@ -336,3 +336,28 @@ def test_external_data_outside_the_model_folder_is_refused(
         assert not client.is_model_ready(name)
     client.load_model("inside")  # external data beside the model file is fine
     assert client.is_model_ready("inside")
+
+
+def test_request_size_limits_answer_resource_exhausted(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    repo = tmp_path / "repo"
+    wide_identity(repo / "wide" / "1" / "model.onnx")
+    (repo / "wide" / "config.pbtxt").write_text(WIDE_CONFIG)
+    server = start_server(
+        repo, "--max-request-bytes", str(64 << 10), "--max-tensor-elements", "4096"
+    )
+    client = tc.InferenceServerClient(server.url)
+
+    def infer(elements: int) -> None:
+        x = tc.InferInput("x", [1, elements], "FP32")
+        x.set_data_from_numpy(np.ones((1, elements), np.float32))
+        client.infer("wide", [x])
+
+    infer(4096)
+    for elements, reason in ((4097, "--max-tensor-elements"), (1 << 15, "")):
+        with pytest.raises(InferenceServerException) as err:
+            infer(elements)  # 4097 elements: 16 KiB; 32 Ki elements: 128 KiB > 64 KiB
+        assert err.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        assert reason in str(err.value.message())
+    infer(16)  # the server is fine
