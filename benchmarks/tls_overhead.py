@@ -6,9 +6,15 @@ Two loads per server, each a closed loop of `--concurrency` workers for
 * one channel (HTTP/2 multiplexes the 32 workers on one connection: the
   handshake happens once, so this is the cost of record encryption);
 * a new channel per request (each request pays a full TCP + TLS handshake:
-  the worst case, a client that does not keep connections).
+  the worst case, a client that does not keep connections);
+and, where perf_analyzer is installed (benchmarks/install_perf_analyzer.sh, or
+PERF_ANALYZER_VENV), its throughput at the same concurrency: a C++ client, so
+the server, not this Python loader, is what limits it. Rounds are interleaved
+and the median is reported. On a small shared machine the Python one-channel
+loader is bound by its own CPU and swings from round to round; perf_analyzer's
+ratio is the one-channel figure to quote.
 
-    python benchmarks/tls_overhead.py [--seconds 10] [--concurrency 32] [--json]
+    python benchmarks/tls_overhead.py [--seconds 5] [--rounds 3] [--concurrency 32] [--json]
 
 Certificates are generated for the run (cryptography) in a temporary folder.
 """
@@ -20,6 +26,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -149,6 +156,25 @@ async def _measure(
                 samples[label][key].append(rps)
 
 
+def _perf_analyzer_rps(url: str, ca: Path | None, concurrency: int, seconds: float) -> float | None:
+    """perf_analyzer's throughput (a C++ client: the server is the bottleneck,
+    not this process), or None when it is not installed or does not stabilise."""
+    pa = harness.perf_analyzer_path()
+    if not pa.exists():
+        return None
+    argv = [str(pa), "-i", "grpc", "-u", url, "-m", MODEL]
+    argv += ["--concurrency-range", f"{concurrency}:{concurrency}"]
+    argv += ["--measurement-interval", str(int(seconds * 1000)), "-s", "25", "-r", "6"]
+    if ca is not None:
+        argv += ["--ssl-grpc-use-ssl", f"--ssl-grpc-root-certifications-file={ca}"]
+    rc, out = harness.run_bounded(argv, seconds * 12 + 60)
+    m = re.search(r"Throughput: ([\d.]+) infer/sec", out)
+    if rc != 0 or m is None:
+        print(f"perf_analyzer gave no throughput (rc {rc}): {out[-400:]}", file=sys.stderr)
+        return None
+    return float(m.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -185,14 +211,25 @@ def main() -> None:
             asyncio.run(
                 _measure(urls, channel_creds, samples, args.concurrency, args.seconds, args.rounds)
             )
+            for _ in range(args.rounds):
+                for label, url in urls.items():
+                    rps = _perf_analyzer_rps(
+                        url, ca if label == "tls" else None, args.concurrency, args.seconds
+                    )
+                    if rps is not None:
+                        samples[label].setdefault("perf_analyzer_rps", []).append(rps)
         finally:
             for server in servers.values():
                 server.stop()
         results = {
-            label: {key: statistics.median(v) for key, v in by_key.items()}
+            label: {key: statistics.median(v) for key, v in by_key.items() if v}
             for label, by_key in samples.items()
         }
-    ratios = {k: results["tls"][k] / results["plaintext"][k] for k in results["plaintext"]}
+    ratios = {
+        k: results["tls"][k] / results["plaintext"][k]
+        for k in results["plaintext"]
+        if k in results["tls"]
+    }
     report = {
         "concurrency": args.concurrency,
         "seconds": args.seconds,
@@ -204,7 +241,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"{MODEL}, concurrency {args.concurrency}, {args.seconds:g} s per load")
-    for k in results["plaintext"]:
+    for k in ratios:
         print(
             f"  {k:<24} plaintext {results['plaintext'][k]:8.0f}/s  tls {results['tls'][k]:8.0f}/s"
             f"  ratio {ratios[k]:.3f}"
