@@ -256,7 +256,7 @@ def test_half_sent_http_connections_are_bounded_and_time_out(
         reply = s.recv(4096)
         refused += reply.startswith(b"HTTP/1.1 503")
     assert refused >= 90
-    assert proc.num_threads() <= threads_before + 8
+    assert proc.num_threads() <= threads_before + 8 + 4  # 4: room for gRPC's own pool
     for s in sockets[:8]:  # closed by the server after the idle timeout
         assert s.recv(4096) == b""
         s.close()
