@@ -97,6 +97,18 @@ class Run:
 # ----------------------------------------------------------------------------- perf_analyzer
 
 
+def pa_settings(measurement_interval_ms: int) -> argparse.Namespace:
+    """perf_analyzer settings as batching.py's defaults, for the other scripts."""
+    return argparse.Namespace(
+        stability_pct=STABILITY_PCT,
+        retry_stability_pct=RETRY_STABILITY_PCT,
+        retry_on_mean=True,
+        measurement_interval=measurement_interval_ms,
+        max_trials=MAX_TRIALS,
+        pa_args="",
+    )
+
+
 def parse_csv(text: str) -> dict[str, str] | None:
     rows = list(csv.DictReader(io.StringIO(text)))
     # perf_analyzer writes one row per concurrency level, then (with server stats)

@@ -27,10 +27,22 @@ import sluice_proto_pool  # noqa: E402, F401
 _BANNER = re.compile(r"ready: grpc ([\d.]+):(\d+), http [\d.]+:(\d+)")
 
 
+# Every test that starts a server runs once per executor (see the `executor`
+# fixture); SLUICE_TEST_EXECUTORS=thread (or process) narrows it for a quick run.
+EXECUTORS = tuple(os.environ.get("SLUICE_TEST_EXECUTORS", "thread,process").split(","))
+
+
 class ServerProcess:
     """A running `sluice serve`; `url` is host:port for gRPC clients."""
 
-    def __init__(self, repository: Path | None, extra_args: list[str], start_timeout_s: float = 60):
+    def __init__(
+        self,
+        repository: Path | None,
+        extra_args: list[str],
+        start_timeout_s: float = 60,
+        executor: str = "thread",
+    ):
+        self.executor = executor
         cmd = [
             sys.executable,
             "-m",
@@ -42,6 +54,8 @@ class ServerProcess:
             "0",
             "--http-port",
             "0",
+            "--executor",
+            executor,
             *extra_args,
         ]
         if repository is not None:
@@ -108,14 +122,20 @@ class ServerProcess:
         return rc
 
 
+@pytest.fixture(scope="session", params=EXECUTORS)
+def executor(request: pytest.FixtureRequest) -> str:
+    """The server's --executor: tests that start a server run with each."""
+    return str(request.param)
+
+
 @pytest.fixture
-def start_server() -> Iterator[object]:
+def start_server(executor: str) -> Iterator[object]:
     """Factory: start_server(repository=None, *extra_args) -> ServerProcess.
     Every server started is stopped at teardown."""
     started: list[ServerProcess] = []
 
     def start(repository: Path | None = None, *extra_args: str) -> ServerProcess:
-        server = ServerProcess(repository, list(extra_args))
+        server = ServerProcess(repository, list(extra_args), executor=executor)
         started.append(server)
         return server
 
@@ -125,8 +145,8 @@ def start_server() -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def example_server() -> Iterator[ServerProcess]:
+def example_server(executor: str) -> Iterator[ServerProcess]:
     """One server on the bundled example repository, shared by read-only tests."""
-    server = ServerProcess(None, [])
+    server = ServerProcess(None, [], executor=executor)
     yield server
     server.stop()

@@ -15,6 +15,7 @@
 
 #include "sluice/batcher.h"
 #include "sluice/gather.h"
+#include "sluice/wakeup_timer.h"
 #include "status_error.h"
 
 namespace py = pybind11;
@@ -81,6 +82,25 @@ class PyBatcher {
     std::optional<Batch> b;
     if (!batch.ids.empty()) b = std::move(batch);
     return std::make_pair(std::move(b), std::move(out));
+  }
+
+  // (batch or None, expired, wait_ns, drained): one non-blocking look, for
+  // an event loop that dispatches batches itself. Called with the GIL held:
+  // PollNextBatch only takes the batcher's mutex for a few microseconds.
+  std::tuple<std::optional<Batch>, std::vector<ExpiredTuple>, int64_t, bool> Poll() {
+    Batch batch;
+    std::vector<Expired> expired;
+    int64_t wait_ns = -1;
+    const Batcher::Poll poll = batcher_.PollNextBatch(&batch, &expired, &wait_ns);
+    std::vector<ExpiredTuple> out;
+    out.reserve(expired.size());
+    for (const Expired& e : expired) {
+      out.emplace_back(e.id, StatusCodeName(e.status.code()), e.status.message());
+    }
+    std::optional<Batch> b;
+    if (poll == Batcher::Poll::kBatch) b = std::move(batch);
+    return {std::move(b), std::move(out), poll == Batcher::Poll::kWait ? wait_ns : -1,
+            poll == Batcher::Poll::kDrained};
   }
 
   Batcher& batcher() { return batcher_; }
@@ -181,6 +201,9 @@ void register_batcher(py::module_& m) {
       .def("next_batch", [](PyBatcher& b, int64_t max_wait_ns) { return b.Next(max_wait_ns, true); },
            py::arg("max_wait_ns") = -1)
       .def("try_next_batch", [](PyBatcher& b) { return b.Next(0, false); })
+      .def("poll_batch", &PyBatcher::Poll,
+           "Non-blocking: (batch or None, expired, wait_ns, drained). wait_ns >= 0 says\n"
+           "when to look again without an event; -1: only enqueue/cancel/stop changes it.")
       .def("cancel", [](PyBatcher& b, uint64_t id) { return b.batcher().Cancel(id); })
       .def("stop", [](PyBatcher& b) { b.batcher().Stop(); })
       .def("record_execution",
@@ -188,6 +211,17 @@ void register_batcher(py::module_& m) {
       .def_property_readonly("queued_requests",
                              [](PyBatcher& b) { return b.batcher().QueuedRequests(); })
       .def_property_readonly("queued_rows", [](PyBatcher& b) { return b.batcher().QueuedRows(); });
+
+  py::class_<WakeupTimer>(m, "WakeupTimer")
+      .def(py::init([] {
+        std::unique_ptr<WakeupTimer> timer;
+        ThrowIfError(WakeupTimer::Create(&timer));
+        return timer;
+      }))
+      .def_property_readonly("fd", &WakeupTimer::fd)
+      .def("arm", [](WakeupTimer& t, int64_t delay_ns) { ThrowIfError(t.Arm(delay_ns)); },
+           py::arg("delay_ns"))
+      .def("disarm", [](WakeupTimer& t) { ThrowIfError(t.Disarm()); });
 
   m.def(
       "set_timer_slack_ns",

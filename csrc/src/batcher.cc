@@ -370,6 +370,14 @@ bool Batcher::TryNextBatch(Batch* batch, std::vector<Expired>* expired) {
   return poll == Poll::kExpiredOnly;
 }
 
+Batcher::Poll Batcher::PollNextBatch(Batch* batch, std::vector<Expired>* expired,
+                                     int64_t* wait_ns) {
+  ResetBatch(batch);
+  std::lock_guard<std::mutex> lock(mu_);
+  *wait_ns = -1;
+  return PollLocked(clock_.NowNs(), batch, expired, wait_ns);
+}
+
 Batcher::Poll Batcher::PollLocked(int64_t now_ns, Batch* batch, std::vector<Expired>* expired,
                                   int64_t* wait_ns) {
   const size_t expired_before = expired->size();

@@ -870,3 +870,48 @@ TEST(BatcherSloTest, StopSkipsTheSloWait) {
 
 }  // namespace
 }  // namespace sluice
+
+// ------------------------------------------------------------------ PollNextBatch
+
+namespace sluice {
+namespace {
+
+TEST(BatcherPollTest, SaysHowLongToWaitThenHandsOutTheBatch) {
+  ManualClock clock;
+  Batcher batcher(Opts(8, 500 * kUs), clock);
+  Batch batch;
+  std::vector<Expired> expired;
+  int64_t wait_ns = 0;
+  EXPECT_EQ(batcher.PollNextBatch(&batch, &expired, &wait_ns), Batcher::Poll::kWait);
+  EXPECT_EQ(wait_ns, -1);  // empty: only an event can change the answer
+  ASSERT_TRUE(batcher.Enqueue(Req(1)).ok());
+  clock.AdvanceNs(100 * kUs);
+  EXPECT_EQ(batcher.PollNextBatch(&batch, &expired, &wait_ns), Batcher::Poll::kWait);
+  EXPECT_EQ(wait_ns, 400 * kUs);  // the rest of the queue delay
+  clock.AdvanceNs(400 * kUs);
+  ASSERT_EQ(batcher.PollNextBatch(&batch, &expired, &wait_ns), Batcher::Poll::kBatch);
+  EXPECT_EQ(batch.ids, (std::vector<uint64_t>{1}));
+  batcher.Stop();
+  EXPECT_EQ(batcher.PollNextBatch(&batch, &expired, &wait_ns), Batcher::Poll::kDrained);
+}
+
+TEST(BatcherPollTest, WaitEndsAtTheNextDeadlineAndReportsExpiry) {
+  ManualClock clock;
+  BatcherOptions options = Opts(8, 10 * kMs);
+  options.default_queue_policy.default_timeout_ns = 2 * kMs;
+  Batcher batcher(options, clock);
+  ASSERT_TRUE(batcher.Enqueue(Req(7)).ok());
+  Batch batch;
+  std::vector<Expired> expired;
+  int64_t wait_ns = 0;
+  EXPECT_EQ(batcher.PollNextBatch(&batch, &expired, &wait_ns), Batcher::Poll::kWait);
+  EXPECT_EQ(wait_ns, 2 * kMs);
+  clock.AdvanceNs(2 * kMs + 1);
+  EXPECT_EQ(batcher.PollNextBatch(&batch, &expired, &wait_ns), Batcher::Poll::kExpiredOnly);
+  ASSERT_EQ(expired.size(), 1u);
+  EXPECT_EQ(expired[0].id, 7u);
+  EXPECT_TRUE(batch.ids.empty());
+}
+
+}  // namespace
+}  // namespace sluice

@@ -41,12 +41,14 @@ def _serve(args: argparse.Namespace) -> int:
         runtime=RuntimeOptions(
             provider_fallback=args.execution_provider_fallback,
             default_max_batch_size=args.default_max_batch_size,
+            executor=args.executor,
         ),
         control_mode=args.model_control_mode,
         repository_poll_secs=args.repository_poll_secs,
         load_models=tuple(args.load_model),
         swap_policy=SwapPolicy(args.swap_policy),
         allow_metrics=args.allow_metrics == "true",
+        reuse_port=args.reuse_port,
         cost=CostModel(
             usd_per_hour=args.cost_per_hour,
             usd_per_gpu_hour=args.cost_per_gpu_hour,
@@ -55,7 +57,11 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         **secured,
     )
-    run(options)
+    try:
+        run(options)
+    except OSError as exc:  # a busy port, an address that cannot be bound: one line
+        print(f"sluice: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -236,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="when a requested GPU provider is not active: fail the load, or serve "
         "on the CPU flagged as degraded",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the gRPC port with another process on purpose (SO_REUSEPORT); without "
+        "it, a port that another process listens on stops the start with a message naming it",
+    )
+    serve.add_argument(
+        "--executor",
+        choices=("thread", "process"),
+        default="thread",
+        help="where batches run: 'thread' (worker threads in the server process) or "
+        "'process' (one child process per model instance: execution leaves the server's "
+        "GIL and a crash fails only its batch); a model's 'executor' parameter overrides it",
     )
     serve.add_argument(
         "--allow-metrics",

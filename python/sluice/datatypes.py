@@ -58,9 +58,28 @@ _BY_NUMPY: dict[np.dtype[Any], DataType] = {d.numpy: d for d in ALL if d.numpy i
 
 def from_numpy(dtype: np.dtype[Any]) -> DataType:
     """The datatype of a numpy array (str/bytes arrays are BYTES)."""
+    found = _BY_NUMPY.get(dtype)  # the common case: one dict lookup per output
+    if found is not None:
+        return found
     if dtype.kind in ("U", "S", "O"):
         return BY_WIRE["BYTES"]
-    try:
-        return _BY_NUMPY[dtype]
-    except KeyError:
-        raise TypeError(f"numpy dtype {dtype} has no KServe v2 datatype") from None
+    raise TypeError(f"numpy dtype {dtype} has no KServe v2 datatype")
+
+
+def by_config_enum(data_type: int) -> DataType:
+    """The DataType of a ModelConfig DataType enum value (mc.TYPE_FP32, ...)."""
+    return _BY_CONFIG_ENUM[data_type]
+
+
+def wire_name(data_type: int) -> str:
+    """The KServe v2 wire name ("FP32") of a ModelConfig DataType enum value."""
+    return _BY_CONFIG_ENUM[data_type].wire
+
+
+def _config_enum_table() -> dict[int, DataType]:
+    from sluice.proto import model_config_pb2 as mc
+
+    return {mc.DataType.Value(d.config): d for d in ALL}
+
+
+_BY_CONFIG_ENUM: dict[int, DataType] = _config_enum_table()

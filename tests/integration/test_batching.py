@@ -130,8 +130,8 @@ dynamic_batching { preserve_ordering: true }"""
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path) -> Iterator[ServerProcess]:
-    s = ServerProcess(repo, [])
+def server(repo: Path, executor: str) -> Iterator[ServerProcess]:
+    s = ServerProcess(repo, [], executor=executor)
     yield s
     s.stop()
 

@@ -117,13 +117,13 @@ def _build_identity(path: Path, suffixes: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, executor: str) -> Iterator[ServerProcess]:
     repo = tmp_path_factory.mktemp("dtypes_repo")
     onnx_models.build_all_dtypes_identity(repo / "all_dtypes" / "1" / "model.onnx")
     onnx_models.build_bf16_identity(repo / "bf16_identity" / "1" / "model.onnx")
     onnx_models.build_add_sub(repo / "add_sub" / "1" / "model.onnx")
     _build_identity(repo / "typed_dtypes" / "1" / "model.onnx", TYPED_SUFFIXES)
-    s = ServerProcess(repo, [])
+    s = ServerProcess(repo, [], executor=executor)
     yield s
     s.stop()
 

@@ -66,8 +66,8 @@ def profiled_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(profiled_repo: Path) -> Iterator[ServerProcess]:
-    s = ServerProcess(profiled_repo, [])
+def server(profiled_repo: Path, executor: str) -> Iterator[ServerProcess]:
+    s = ServerProcess(profiled_repo, [], executor=executor)
     yield s
     s.stop()
 

@@ -54,8 +54,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repository: Path) -> Iterator[ServerProcess]:
-    s = ServerProcess(repository, [])
+def server(repository: Path, executor: str) -> Iterator[ServerProcess]:
+    s = ServerProcess(repository, [], executor=executor)
     yield s
     s.stop()
 

@@ -435,9 +435,9 @@ def test_reflection_lists_services(example_server: ServerProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def stats_server() -> Iterator[ServerProcess]:
+def stats_server(executor: str) -> Iterator[ServerProcess]:
     """A fresh server whose counters only this module's statistics test touches."""
-    server = ServerProcess(None, [])
+    server = ServerProcess(None, [], executor=executor)
     yield server
     server.stop()
 

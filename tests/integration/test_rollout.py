@@ -5,6 +5,7 @@ roll back a faulty canary (wrong outputs, or slow) but not a healthy one."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -17,6 +18,7 @@ import pytest
 import tritonclient.grpc as tc
 from conftest import ServerProcess
 from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
 
 MODEL = "scaler"
 CONFIG = """max_batch_size: 8
@@ -238,3 +240,67 @@ def test_rollout_rpc_sets_and_clears_a_canary(
         with pytest.raises(grpc.RpcError) as info:
             stub.SetRollout(bad)
         assert info.value.code() == code, info.value.details()
+
+
+def broken_at_runtime(path: Path) -> None:
+    """Loads and warms up with one row, then fails every batch of more rows:
+    y = Reshape(x, [1, 4]), the target computed from x's shape at run time
+    (Shape(x) * [0, 1] + [1, 0]) so that loading cannot see it coming."""
+    ins, outs = _io()
+    k = helper.make_tensor("k", TensorProto.INT64, [2], [0, 1])
+    b = helper.make_tensor("b", TensorProto.INT64, [2], [1, 0])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Mul", ["s", "k"], ["t"]),
+        helper.make_node("Add", ["t", "b"], ["target"]),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    _save(helper.make_graph(nodes, "b", ins, outs, [k, b]), path)
+
+
+def _load_at_concurrency(server: ServerProcess, concurrency: int, requests: int) -> Counter[str]:
+    """`requests` unversioned requests of 2 rows from `concurrency` clients;
+    counts answers by version, or by status when they failed."""
+    x = np.ones((2, 4), np.float32)
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def client_loop(n: int) -> None:
+        client = tc.InferenceServerClient(server.url)
+        for _ in range(n):
+            try:
+                result = infer(client, x)[0]
+            except InferenceServerException as exc:
+                result = exc.status() or "?"
+            with lock:
+                counts[result] += 1
+
+    per_client = requests // concurrency
+    threads = [threading.Thread(target=client_loop, args=(per_client,)) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts
+
+
+@pytest.mark.slow
+def test_healthy_canary_under_load_stays_and_a_failing_one_still_rolls_back(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    # Under load most background comparisons are skipped (at most 64 in
+    # flight); the error guard must still see the canary's successes.
+    labels = {"stable": 1, "canary": {"version": 2, "weight": 0.5}}
+    healthy = start_server(make_repo(tmp_path / "healthy", healthy_rewrite, labels))
+    counts = _load_at_concurrency(healthy, 64, 3200)
+    assert set(counts) == {"1", "2"}, counts
+    rollbacks = [line for line in healthy.log.splitlines() if "rolling canary" in line]
+    assert metric(healthy, "sluice_canary_rollbacks_total") == 0, rollbacks
+    written = json.loads((tmp_path / "healthy" / MODEL / "labels.json").read_text())
+    assert written["canary"]["version"] == 2
+
+    failing = start_server(make_repo(tmp_path / "failing", broken_at_runtime, labels))
+    counts = _load_at_concurrency(failing, 64, 1280)
+    assert metric(failing, "sluice_canary_rollbacks_total", version="2", guard="error") == 1
+    assert counts["StatusCode.INTERNAL"] > 0
+    assert {infer(tc.InferenceServerClient(failing.url), np.ones((2, 4), np.float32))[0]} == {"1"}

@@ -26,8 +26,8 @@ from onnx import TensorProto, helper
 from sluice import config as cfg
 from sluice import datatypes
 from sluice.errors import ModelLoadError
+from sluice.host import ExecutorLoader, ModelManager
 from sluice.proto import model_config_pb2 as mc
-from sluice.repository import ModelManager
 from sluice.repository.policy import select_versions, version_dirs
 from sluice.runtime import ModelRuntime, RuntimeOptions, load_runtime
 from sluice.runtime.warmup import warm_up
@@ -794,7 +794,7 @@ def test_manager_scan_applies_version_policies(tmp_path: pathlib.Path) -> None:
         versions=(1,),
     )
 
-    aspired = ModelManager(tmp_path, RuntimeOptions()).scan()
+    aspired = ModelManager(tmp_path, ExecutorLoader(RuntimeOptions())).scan()
     chosen = {name: sorted(a.versions) for name, a in aspired.items()}
     assert chosen == {
         "latest": [3],

@@ -136,6 +136,15 @@ class Batcher {
   // ManualClock). Returns true when it filled *batch or *expired.
   bool TryNextBatch(Batch* batch, std::vector<Expired>* expired);
 
+  // What one non-blocking look at the queue found.
+  enum class Poll { kBatch, kExpiredOnly, kWait, kDrained };
+
+  // Non-blocking look for an event-driven caller, where no thread waits in
+  // NextBatch (the event loop drives process executors). Fills *batch and/or
+  // *expired as NextBatch does. With kWait, *wait_ns says when the answer may
+  // change by time alone (-1: only an Enqueue, Cancel or Stop can change it).
+  Poll PollNextBatch(Batch* batch, std::vector<Expired>* expired, int64_t* wait_ns);
+
   // Removes a queued request. True if it was queued (the caller now answers it);
   // false if it already left (in a batch, expired, or unknown).
   bool Cancel(uint64_t id);
@@ -184,8 +193,6 @@ class Batcher {
     bool unbatched = false;  // batching off: the head alone is the batch
     size_t preferred_count = 0;  // longest prefix with a preferred row total; 0: none
   };
-  // What one look at the queue found (PollLocked).
-  enum class Poll { kBatch, kExpiredOnly, kWait, kDrained };
 
   const QueuePolicy& PolicyFor(uint32_t level) const;
   uint32_t LevelFor(uint32_t priority) const;

@@ -46,6 +46,8 @@ class VersionView:
     load_seconds: float
     stats: InferStats
     drift: DriftMonitor | None = None  # None: no drift profile
+    executor: str = "thread"  # where its batches run (thread, process)
+    executor_restarts: int = 0  # instances restarted after they died
 
 
 _US = 1_000
@@ -144,6 +146,11 @@ class InferenceCollector(Collector):
             "Automatic canary rollbacks of the version, by guard (error, p99, outputs)",
             labels=[*lv, "guard"],
         )
+        restarts = CounterMetricFamily(
+            "sluice_executor_restarts",
+            "Executor instances of the version restarted after they died (process executors)",
+            labels=[*lv, "executor"],
+        )
         drift = _DriftFamilies()
         for v in self._versions():
             drift.add(v)
@@ -175,13 +182,14 @@ class InferenceCollector(Collector):
                 shadow.add_metric([*key, result], n)
             for guard, n in sorted(s.rollbacks.items()):
                 rollbacks.add_metric([*key, guard], n)
+            restarts.add_metric([*key, v.executor], v.executor_restarts)
             usd = self._cost.usd(s.core_ns)
             cost.add_metric(key, usd)
             if s.inference_count:
                 cost_1k.add_metric(key, 1000 * usd / s.inference_count)
         yield from (success, failure, count, exec_count, *durations.values(), pending, load)
         yield from (phase_hist, batch_hist, inflight, rejected, state, cost, cost_1k)
-        yield from (arms, shadow, rollbacks)
+        yield from (arms, shadow, rollbacks, restarts)
         yield from drift.families()
 
 

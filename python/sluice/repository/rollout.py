@@ -26,14 +26,19 @@ log = logging.getLogger(__name__)
 class GuardLimits:
     """When a canary is rolled back: over the last `window` canary requests
     (once at least `min_requests` are in), error rate above `max_error_rate`,
-    p99 latency above `max_p99_ratio` x the stable version's p99 on the same
-    window, or a share of outputs that disagree with stable's above
-    `max_divergence` (outputs agree when allclose(rtol, atol))."""
+    p99 latency above `max_p99_ratio` x the stable version's p99 over its last
+    `window` requests in the same split, with its p50 above the same ratio of
+    stable's p50 too, both by more than `min_latency_excess_s`; or a share of
+    outputs that disagree with stable's above `max_divergence` (outputs agree
+    when allclose(rtol, atol))."""
 
     window: int = 200
     min_requests: int = 50
     max_error_rate: float = 0.05
     max_p99_ratio: float = 2.0
+    # Latency gaps below this are scheduling noise on a busy host, not a slow
+    # canary (sub-millisecond models double their latency with one preemption).
+    min_latency_excess_s: float = 0.005
     max_divergence: float = 0.01
     rtol: float = 1e-4
     atol: float = 1e-5
@@ -43,22 +48,31 @@ class GuardLimits:
 class Outcome:
     ok: bool
     latency_s: float
-    agrees: bool | None  # None: no comparison made
 
 
 class CanaryGuard:
-    """Rolling window of canary outcomes (and stable latencies on the same
-    mirrored requests); `verdict()` says why to roll back, or None."""
+    """Rolling windows of the canary's outcomes and of stable's, both from the
+    live traffic the router splits between them at the same time (so both see
+    the same load), plus the agreement of mirrored comparisons (which may be
+    skipped under load without biasing either); `verdict()` says why to roll
+    back, or None."""
 
     def __init__(self, limits: GuardLimits) -> None:
         self.limits = limits
         self.canary: collections.deque[Outcome] = collections.deque(maxlen=limits.window)
+        self.agreement: collections.deque[bool] = collections.deque(maxlen=limits.window)
         self.stable_latency_s: collections.deque[float] = collections.deque(maxlen=limits.window)
 
-    def record(self, outcome: Outcome, stable_latency_s: float | None) -> None:
-        self.canary.append(outcome)
-        if stable_latency_s is not None:
-            self.stable_latency_s.append(stable_latency_s)
+    def record_outcome(self, ok: bool, latency_s: float) -> None:
+        """A canary request, success or error alike."""
+        self.canary.append(Outcome(ok, latency_s))
+
+    def record_stable(self, latency_s: float) -> None:
+        """A request the router sent to stable while the canary is live."""
+        self.stable_latency_s.append(latency_s)
+
+    def record_comparison(self, agrees: bool) -> None:
+        self.agreement.append(agrees)
 
     def verdict(self) -> str | None:
         lim = self.limits
@@ -70,14 +84,23 @@ class CanaryGuard:
             return f"error rate {errors / n:.1%} over {n} requests exceeds {lim.max_error_rate:.1%}"
         latencies = [o.latency_s for o in self.canary if o.ok]
         if latencies and len(self.stable_latency_s) >= lim.min_requests:
-            canary_p99 = float(np.percentile(latencies, 99))
-            stable_p99 = float(np.percentile(self.stable_latency_s, 99))
-            if stable_p99 > 0 and canary_p99 > lim.max_p99_ratio * stable_p99:
+            canary_p50, canary_p99 = np.percentile(latencies, [50, 99]).tolist()
+            stable_p50, stable_p99 = np.percentile(self.stable_latency_s, [50, 99]).tolist()
+            # A slow canary is slow in its median too; a tail alone that
+            # doubles is what one burst of queueing does to either arm.
+            if (
+                stable_p99 > 0
+                and canary_p99 > lim.max_p99_ratio * stable_p99
+                and canary_p50 > lim.max_p99_ratio * stable_p50
+                and canary_p99 - stable_p99 > lim.min_latency_excess_s
+                and canary_p50 - stable_p50 > lim.min_latency_excess_s
+            ):
                 return (
                     f"p99 latency {canary_p99 * 1e3:.2f} ms exceeds {lim.max_p99_ratio:g}x "
-                    f"stable's {stable_p99 * 1e3:.2f} ms"
+                    f"stable's {stable_p99 * 1e3:.2f} ms (p50 {canary_p50 * 1e3:.2f} ms "
+                    f"against {stable_p50 * 1e3:.2f} ms)"
                 )
-        compared = [o.agrees for o in self.canary if o.agrees is not None]
+        compared = list(self.agreement)
         if len(compared) >= lim.min_requests:
             diverged = sum(not a for a in compared) / len(compared)
             if diverged > lim.max_divergence:

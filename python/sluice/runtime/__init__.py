@@ -2,6 +2,19 @@
 warm-up, and run(). The only package that imports onnxruntime."""
 
 from sluice.runtime.resources import available_cores
-from sluice.runtime.session import ModelRuntime, RuntimeOptions, load_runtime
+from sluice.runtime.session import (
+    ModelRuntime,
+    RuntimeInfo,
+    RuntimeOptions,
+    instance_count,
+    load_runtime,
+)
 
-__all__ = ["ModelRuntime", "RuntimeOptions", "available_cores", "load_runtime"]
+__all__ = [
+    "ModelRuntime",
+    "RuntimeInfo",
+    "RuntimeOptions",
+    "available_cores",
+    "instance_count",
+    "load_runtime",
+]

@@ -45,6 +45,9 @@ class RuntimeOptions:
     default_max_batch_size: int = cfg.DEFAULT_MAX_BATCH_SIZE
     cores: int | None = None  # None: detect (affinity and cgroup quota)
     log_severity: int = 3  # onnxruntime: 3 = errors only
+    # Where batches run unless a model's `executor` parameter says otherwise:
+    # "thread" (in the server process) or "process" (one child per instance).
+    executor: str = "thread"
 
 
 def _param(config: mc.ModelConfig, key: str) -> str | None:
@@ -86,6 +89,28 @@ def _providers(config: mc.ModelConfig) -> list[tuple[str, dict[str, str]]]:
     return wanted
 
 
+# More threads than this in one session is a typo, not a plan.
+MAX_THREADS_PER_SESSION = 1024
+
+
+def _thread_param(config: mc.ModelConfig, key: str) -> int:
+    """A thread-count parameter (0 when absent); a value that is not a usable
+    count fails this model's load with the reason, never the server."""
+    text = _param(config, key)
+    if not text:
+        return 0
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_THREADS_PER_SESSION:
+        raise ModelLoadError(
+            f"parameter '{key}' must be an integer from 0 to {MAX_THREADS_PER_SESSION} "
+            f"(0: decide from the cores), got {text!r}"
+        )
+    return value
+
+
 def _session_options(
     config: mc.ModelConfig, instances: int, options: RuntimeOptions
 ) -> ort.SessionOptions:
@@ -93,11 +118,11 @@ def _session_options(
     so.log_severity_level = options.log_severity
     cores = options.cores or available_cores()
     # Budget: instances x intra-op threads <= cores, unless the config says otherwise.
-    intra = _param(config, "intra_op_thread_count")
-    so.intra_op_num_threads = int(intra) if intra else max(1, cores // max(1, instances))
-    inter = _param(config, "inter_op_thread_count")
+    intra = _thread_param(config, "intra_op_thread_count")
+    so.intra_op_num_threads = intra if intra else max(1, cores // max(1, instances))
+    inter = _thread_param(config, "inter_op_thread_count")
     if inter:
-        so.inter_op_num_threads = int(inter)
+        so.inter_op_num_threads = inter
     if _param(config, "execution_mode") == "1":
         so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     if _param(config, "enable_mem_arena") == "0":
@@ -131,6 +156,17 @@ def _signature(session: ort.InferenceSession) -> cfg.Signature:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class RuntimeInfo:
+    """What the host needs to know about a loaded runtime, wherever it runs
+    (in this process, or in executor processes)."""
+
+    providers: tuple[str, ...]  # active providers, as onnxruntime reports them
+    degraded_reason: str | None
+    instance_count: int
+    intra_op_threads: int  # threads one run may use (cost attribution)
+
+
 class ModelRuntime:
     """The loaded sessions of one model version."""
 
@@ -154,6 +190,14 @@ class ModelRuntime:
             t.onnx_type == "tensor(bfloat16)" for t in (*signature.inputs, *signature.outputs)
         )
         self._output_types = {o.name: o.onnx_type for o in signature.outputs}
+
+    def info(self, instance_count: int | None = None) -> RuntimeInfo:
+        return RuntimeInfo(
+            tuple(self.providers),
+            self.degraded_reason,
+            instance_count if instance_count is not None else self.instance_count,
+            self.intra_op_threads,
+        )
 
     def run(
         self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
@@ -225,14 +269,26 @@ def _verify_providers(
     )
 
 
+def instance_count(config: mc.ModelConfig) -> int:
+    """Instances the config asks for (instance_group counts; 1 by default)."""
+    return sum(max(1, g.count) for g in config.instance_group) or 1
+
+
 def load_runtime(
-    path: Path, config: mc.ModelConfig, model_name: str, options: RuntimeOptions
+    path: Path,
+    config: mc.ModelConfig,
+    model_name: str,
+    options: RuntimeOptions,
+    sessions_here: int | None = None,
 ) -> tuple[ModelRuntime, list[str]]:
     """Creates one session per instance, completes and checks `config` against the
-    graph (in place), and verifies the providers. Raises ModelLoadError."""
+    graph (in place), and verifies the providers. Raises ModelLoadError.
+
+    `sessions_here` creates only that many sessions (an executor process holds
+    one instance) while the thread budget still counts every instance."""
     if not path.is_file():
         raise ModelLoadError(f"model file {path.parent.name}/{path.name} not found")
-    instances = sum(max(1, g.count) for g in config.instance_group) or 1
+    instances = instance_count(config)
     providers = _providers(config)
     fallback = _param(config, "execution_provider_fallback") or options.provider_fallback
     if fallback not in (FALLBACK_FAIL, FALLBACK_CPU):
@@ -247,7 +303,7 @@ def load_runtime(
     sessions: list[ort.InferenceSession] = []
     degraded: str | None = None
     try:
-        for _ in range(instances):
+        for _ in range(instances if sessions_here is None else sessions_here):
             s = ort.InferenceSession(str(path), sess_options=so, providers=usable)
             degraded = _verify_providers(s, [p for p, _ in providers], fallback, model_name)
             sessions.append(s)

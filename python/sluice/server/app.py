@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 import sluice
 from sluice import limits
-from sluice.dataplane import DataPlane
+from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.limits import RequestLimits
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
@@ -25,14 +25,16 @@ from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
-from sluice.repository import ModelManager, SwapPolicy
+from sluice.repository import SwapPolicy
 from sluice.runtime import RuntimeOptions
 from sluice.server import security
+from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
 from sluice.server.http import IDLE_TIMEOUT_S as HTTP_IDLE_TIMEOUT_S
 from sluice.server.http import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from sluice.server.http import HttpEndpoint
 from sluice.server.inference import InferenceServicer
+from sluice.server.ports import ensure_free
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class ServerOptions:
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
     # (ModelStatistics counters stay: the protocol needs them).
     allow_metrics: bool = True
+    # Share the gRPC port with another process on purpose (SO_REUSEPORT); by
+    # default a port another process listens on fails the start.
+    reuse_port: bool = False
     # ---- security (issue 15): TLS per port, restricted API groups, bounds
     grpc_tls: security.TlsOptions | None = None
     http_tls: security.TlsOptions | None = None
@@ -76,26 +81,36 @@ class ServerOptions:
 class SluiceServer:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
+        # The loader is injected here: the lifecycle manager only decides what
+        # to load and when; the loader decides how (thread or process executors).
         self.models = ModelManager(
             options.model_repository,
-            options.runtime,
+            ExecutorLoader(options.runtime),
             swap_policy=options.swap_policy,
             on_change=self._set_health,
             detailed_stats=options.allow_metrics,
         )
         self._poller: asyncio.Task[None] | None = None
-        self.dataplane = DataPlane(self.models)
         self._ready = False
+        self.dataplane = DataPlane(
+            self.models,
+            server_name="sluice",
+            server_version=sluice.__version__,
+            is_ready=self.is_ready,
+            explicit_control=options.control_mode == "explicit",
+        )
         self._health = health.aio.HealthServicer()
         limit = options.max_message_bytes
         # Security (issue 15): request bounds, the restricted-API interceptor.
         limits.configure(options.limits)
         receive_limit = min(limit, options.limits.max_request_bytes)
-        interceptors = (
+        # The restriction runs first: a refused call never reaches the error edge.
+        interceptors: list[grpc.aio.ServerInterceptor] = (
             [security.RestrictedApiInterceptor(options.grpc_restricted)]
             if options.grpc_restricted
             else []
         )
+        interceptors.append(ErrorEdge())
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -104,18 +119,18 @@ class SluiceServer:
             ],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.models, self.dataplane, self.is_ready, options.control_mode == "explicit"
-            ),
-            self._grpc,
+            InferenceServicer(self.dataplane), self._grpc
         )
-        spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.models), self._grpc)
+        spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.dataplane), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         if options.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                 self._grpc,
             )
+        if not options.reuse_port:
+            ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
+            ensure_free(options.host, options.http_port, "HTTP", "--http-port")
         address = f"{options.host}:{options.grpc_port}"
         if options.grpc_tls is not None:
             credentials = security.grpc_server_credentials(options.grpc_tls)
@@ -151,9 +166,18 @@ class SluiceServer:
     def _version_views(self) -> Iterator[VersionView]:
         for m in list(self.models.models.values()):
             for v in list(m.versions.values()):
-                queued = v.scheduler.queued_requests if v.scheduler is not None else 0
+                scheduler = v.scheduler
+                queued = scheduler.queued_requests if scheduler is not None else 0
                 yield VersionView(
-                    m.name, str(v.version), v.state.value, queued, v.load_seconds, v.stats, v.drift
+                    m.name,
+                    str(v.version),
+                    v.state.value,
+                    queued,
+                    v.load_seconds,
+                    v.stats,
+                    v.drift,
+                    executor=scheduler.executor.kind if scheduler is not None else "",
+                    executor_restarts=scheduler.executor.restarts if scheduler is not None else 0,
                 )
 
     async def _set_health(self) -> None:
@@ -165,7 +189,7 @@ class SluiceServer:
         await self._health.set("", overall)
         await self._health.set(SERVICE_NAME, overall)
         for name, model in self.models.models.items():
-            serving = self._ready and bool(model.ready_versions())
+            serving = self._ready and any(v.serving for v in model.ready_versions())
             await self._health.set(
                 name,
                 health_pb2.HealthCheckResponse.SERVING

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from sluice import _core, datatypes, limits
-from sluice.dataplane import InferInput, InferOutput, InferRequest, InferResponse
 from sluice.errors import InvalidArgumentError
+from sluice.host.dataplane import InferInput, InferOutput, InferRequest, InferResponse
 from sluice.proto import grpc_service_pb2 as pb
 
 # Typed `contents` field for each datatype; FP16 and BF16 exist only as raw.

@@ -3,18 +3,15 @@ monitoring (DriftReport, Feedback) over gRPC."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import grpc
 
-from sluice.errors import InvalidArgumentError, NotFoundError
-from sluice.monitoring.drift import DriftMonitor
+from sluice.errors import InvalidArgumentError
+from sluice.host.dataplane import DataPlane, DriftReport, FeedbackLabel, RolloutChange
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
-from sluice.repository import ModelManager, ModelVersion
-from sluice.repository.registry import Canary, Labels, LabelsError, Shadow, read_labels
-from sluice.server.inference import _abort
+from sluice.repository.registry import Canary, Labels, LabelsError, Shadow
 
 
 def _rollout(name: str, labels: Labels) -> spb.Rollout:
@@ -67,109 +64,67 @@ def _quality(q: dict[str, Any]) -> spb.ModelQuality:
     return out
 
 
-def drift_report(mv: ModelVersion) -> spb.DriftReportResponse:
-    out = spb.DriftReportResponse(model_name=mv.name, version=mv.version)
-    for (input_name, kind), n in sorted(mv.stats.schema_skew.items()):
+def drift_report(r: DriftReport) -> spb.DriftReportResponse:
+    out = spb.DriftReportResponse(model_name=r.model_name, version=r.version)
+    for input_name, kind, n in r.schema_skew:
         out.schema_skew.add(input=input_name, kind=kind, count=n)
-    monitor = mv.drift
-    if monitor is None:
-        out.available = False
-        out.reason = mv.drift_reason
+    out.available = r.available
+    if not r.available:
+        out.reason = r.reason
         return out
-    report = monitor.report()
-    out.available = True
-    out.window_seconds = monitor.window_seconds
-    if report["inputs"] is not None:
-        out.inputs.CopyFrom(_tensor_drift(report["inputs"]))
-    if report["outputs"] is not None:
-        out.outputs.CopyFrom(_tensor_drift(report["outputs"]))
-    out.quality.CopyFrom(_quality(report["quality"]))
+    out.window_seconds = r.window_seconds
+    if r.inputs is not None:
+        out.inputs.CopyFrom(_tensor_drift(r.inputs))
+    if r.outputs is not None:
+        out.outputs.CopyFrom(_tensor_drift(r.outputs))
+    if r.quality is not None:
+        out.quality.CopyFrom(_quality(r.quality))
     return out
 
 
 class SluiceServicer(spb_grpc.SluiceServiceServicer):
-    def __init__(self, models: ModelManager) -> None:
-        self._models = models
+    """Thin: decode -> DataPlane -> encode; errors leave through server/edge.py."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dp = dataplane
 
     async def GetRollout(
         self, request: spb.GetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> spb.Rollout:
-        try:
-            model = self._models.model(request.model_name)
-            labels = read_labels(model.directory)
-        except Exception as exc:
-            await _abort(context, exc)
+        labels = await self._dp.get_rollout(request.model_name)
         return _rollout(request.model_name, labels)
 
     async def SetRollout(
         self, request: spb.SetRolloutRequest, context: grpc.aio.ServicerContext
     ) -> spb.Rollout:
-        def change(current: Labels) -> Labels:
-            updated = current
-            try:
-                if request.stable_version:
-                    updated = dataclasses.replace(updated, stable=request.stable_version)
-                if request.clear_canary:
-                    updated = dataclasses.replace(updated, canary=None)
-                elif request.HasField("canary"):
-                    c = request.canary
-                    canary = Canary(c.version, c.weight, c.sticky)
-                    updated = dataclasses.replace(updated, canary=canary)
-                if request.clear_shadow:
-                    updated = dataclasses.replace(updated, shadow=None)
-                elif request.HasField("shadow"):
-                    shadow = Shadow(request.shadow.version, request.shadow.sample)
-                    updated = dataclasses.replace(updated, shadow=shadow)
-            except LabelsError as exc:
-                raise InvalidArgumentError(f"rollout for '{request.model_name}': {exc}") from None
-            return updated
-
         try:
-            labels = await self._models.change_labels(request.model_name, change)
-        except Exception as exc:
-            await _abort(context, exc)
+            change = RolloutChange(
+                stable_version=request.stable_version or None,
+                canary=Canary(request.canary.version, request.canary.weight, request.canary.sticky)
+                if request.HasField("canary")
+                else None,
+                clear_canary=request.clear_canary,
+                shadow=Shadow(request.shadow.version, request.shadow.sample)
+                if request.HasField("shadow")
+                else None,
+                clear_shadow=request.clear_shadow,
+            )
+        except LabelsError as exc:
+            raise InvalidArgumentError(f"rollout for '{request.model_name}': {exc}") from None
+        labels = await self._dp.set_rollout(request.model_name, change)
         return _rollout(request.model_name, labels)
-
-    def _version(self, name: str, version: int) -> ModelVersion:
-        return self._models.resolve(name, str(version) if version else "")
 
     async def DriftReport(
         self, request: spb.DriftReportRequest, context: grpc.aio.ServicerContext
     ) -> spb.DriftReportResponse:
-        try:
-            mv = self._version(request.model_name, request.version)
-            return drift_report(mv)
-        except Exception as exc:
-            await _abort(context, exc)
+        return drift_report(self._dp.drift_report(request.model_name, request.version))
 
     async def Feedback(
         self, request: spb.FeedbackRequest, context: grpc.aio.ServicerContext
     ) -> spb.FeedbackResponse:
-        try:
-            model = self._models.model(request.model_name)
-            if request.version:
-                mv = model.versions.get(request.version)
-                if mv is None:
-                    raise NotFoundError(
-                        f"model '{request.model_name}' has no loaded version {request.version}"
-                    )
-                monitors = [mv.drift] if mv.drift is not None else []
-            else:
-                monitors = [
-                    v.drift for _, v in sorted(model.versions.items()) if v.drift is not None
-                ]
-            matched = unknown = 0
-            last: DriftMonitor | None = monitors[-1] if monitors else None
-            for label in request.labels:
-                hit = [m for m in monitors if m.feedback(label.request_id, list(label.values))]
-                if hit:
-                    matched += 1
-                    last = hit[-1]
-                else:
-                    unknown += 1
-            out = spb.FeedbackResponse(matched=matched, unknown=unknown)
-            if last is not None:
-                out.quality.CopyFrom(_quality(last.quality_report()))
-            return out
-        except Exception as exc:
-            await _abort(context, exc)
+        labels = [FeedbackLabel(x.request_id, tuple(x.values)) for x in request.labels]
+        result = self._dp.feedback(request.model_name, request.version, labels)
+        out = spb.FeedbackResponse(matched=result.matched, unknown=result.unknown)
+        if result.quality is not None:
+            out.quality.CopyFrom(_quality(result.quality))
+        return out

@@ -1,78 +1,50 @@
 """GRPCInferenceService (KServe v2 + Triton's extensions) over the data plane.
 
-Thin by design: decode -> DataPlane -> encode. Errors become gRPC statuses in
-`_abort` only, through server/errors.py.
+Thin by design: decode -> DataPlane -> encode. Errors leave through the one
+edge (server/edge.py), which every method here relies on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import json_format
 
-import sluice
-from sluice import _core, datatypes
-from sluice.dataplane import DataPlane
-from sluice.errors import InvalidArgumentError, NotFoundError, SluiceError, UnavailableError
+from sluice import _core
+from sluice.errors import InvalidArgumentError, SluiceError
+from sluice.host.dataplane import DataPlane, TensorMetadata
 from sluice.monitoring.stats import Duration, InferStats
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import model_config_pb2 as mc
-from sluice.repository import ModelManager, ModelVersion
 from sluice.server import codec
-from sluice.server.errors import as_sluice_error, grpc_status
+from sluice.server.edge import Undecodable, error_text
 
-log = logging.getLogger(__name__)
-
-# Only what is really implemented; perf_analyzer reads "statistics" from here.
-EXTENSIONS = ("model_configuration", "model_repository", "statistics", "schedule_policy")
-PLATFORM = "onnxruntime_onnx"
-
-T = TypeVar("T")
+# Responses not yet read by a stream's client, per stream: past this many the
+# stream stops reading requests until the client catches up (back-pressure).
+STREAM_WINDOW = 256
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    error = as_sluice_error(exc)
-    if error is None:
-        log.exception("unexpected error", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-    else:
-        await context.abort(grpc_status(error), error.message)
-    raise AssertionError("context.abort returned")  # it always raises
+def _tensor_metadata(t: TensorMetadata) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=t.name, datatype=t.datatype, shape=list(t.shape)
+    )
 
 
-async def _guard(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
-    try:
-        return await call
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # every failure leaves as a gRPC status, never UNKNOWN
-        await _abort(context, exc)
-
-
-def _tensor_metadata(t: Any, max_batch_size: int) -> pb.ModelMetadataResponse.TensorMetadata:
-    dims = list(t.dims)
-    shape = ([-1] if max_batch_size > 0 else []) + dims
-    wire = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)].wire
-    return pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=wire, shape=shape)
-
-
-def _config_override(request: pb.RepositoryModelLoadRequest) -> mc.ModelConfig | None:
+def config_override(model_name: str, parameters: dict[str, str]) -> mc.ModelConfig | None:
     """Triton's load parameters: "config" holds a JSON ModelConfig that replaces
     the config file for this load. Model-file overrides ("file:...") are refused."""
     override = None
-    for key, param in request.parameters.items():
+    for key, text in parameters.items():
         if key == "config":
             override = mc.ModelConfig()
             try:
-                json_format.Parse(param.string_param, override)
+                json_format.Parse(text, override)
             except json_format.ParseError as exc:
                 raise InvalidArgumentError(
-                    f"the config override for model '{request.model_name}' is not a valid "
+                    f"the config override for model '{model_name}' is not a valid "
                     f"JSON ModelConfig: {exc}"
                 ) from None
         elif key.startswith("file:"):
@@ -87,11 +59,10 @@ def _duration(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def _model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
-    s: InferStats = mv.stats
+def _model_statistics(name: str, version: str, s: InferStats) -> pb.ModelStatistics:
     out = pb.ModelStatistics(
-        name=mv.name,
-        version=str(mv.version),
+        name=name,
+        version=version,
         last_inference=s.last_inference_ms,
         inference_count=s.inference_count,
         execution_count=s.execution_count,
@@ -113,98 +84,65 @@ def _model_statistics(mv: ModelVersion) -> pb.ModelStatistics:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self,
-        models: ModelManager,
-        dataplane: DataPlane,
-        is_ready: Callable[[], bool],
-        explicit_control: bool = False,
-    ) -> None:
-        self._models = models
-        self._dataplane = dataplane
-        self._is_ready = is_ready
-        self._explicit = explicit_control
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dp = dataplane
 
     # ---- health and metadata -------------------------------------------------
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self._dp.server_live())
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self._dp.server_ready())
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        try:
-            self._models.resolve(request.name, request.version)
-        except SluiceError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=self._dp.model_ready(request.name, request.version))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        info = self._dp.server_metadata()
         return pb.ServerMetadataResponse(
-            name="sluice", version=sluice.__version__, extensions=list(EXTENSIONS)
+            name=info.name, version=info.version, extensions=list(info.extensions)
         )
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            mv = self._models.resolve(request.name, request.version)
-        except SluiceError as exc:
-            await _abort(context, exc)
-        model = self._models.model(mv.name)
-        mbs = mv.config.max_batch_size
+        m = self._dp.model_metadata(request.name, request.version)
         return pb.ModelMetadataResponse(
-            name=mv.name,
-            versions=[str(v.version) for v in model.ready_versions()],
-            platform=PLATFORM,
-            inputs=[_tensor_metadata(t, mbs) for t in mv.config.input],
-            outputs=[_tensor_metadata(t, mbs) for t in mv.config.output],
+            name=m.name,
+            versions=list(m.versions),
+            platform=m.platform,
+            inputs=[_tensor_metadata(t) for t in m.inputs],
+            outputs=[_tensor_metadata(t) for t in m.outputs],
         )
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        try:
-            mv = self._models.resolve(request.name, request.version)
-        except SluiceError as exc:
-            await _abort(context, exc)
-        return pb.ModelConfigResponse(config=mv.config)
+        return pb.ModelConfigResponse(config=self._dp.model_config(request.name, request.version))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        try:
-            if request.name:
-                model = self._models.model(request.name)
-                versions = list(model.versions.values())
-                if request.version:
-                    versions = [self._models.resolve(request.name, request.version)]
-            else:
-                versions = [v for m in self._models.models.values() for v in m.versions.values()]
-            versions = [v for v in versions if v.ready]
-            if request.name and not versions:
-                raise NotFoundError(f"requested model '{request.name}' is not available")
-        except SluiceError as exc:
-            await _abort(context, exc)
-        return pb.ModelStatisticsResponse(model_stats=[_model_statistics(v) for v in versions])
+        versions = self._dp.model_statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(
+            model_stats=[_model_statistics(v.name, v.version, v.stats) for v in versions]
+        )
 
     # ---- repository (Triton's model_repository extension) -----------------------
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        entries = self._models.index()
-        if request.ready:
-            entries = [e for e in entries if e.state == "READY"]
+        entries = await self._dp.repository_index(request.ready)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -214,31 +152,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
-    def _require_explicit(self) -> None:
-        if not self._explicit:
-            raise UnavailableError(
-                "explicit model load / unload is not allowed unless the server runs with "
-                "--model-control-mode explicit"
-            )
-
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        try:
-            self._require_explicit()
-            await self._models.load(request.model_name, _config_override(request))
-        except Exception as exc:
-            await _abort(context, exc)
+        texts = {k: p.string_param for k, p in request.parameters.items()}
+        override = config_override(request.model_name, texts)
+        await self._dp.load_model(request.model_name, override)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        try:
-            self._require_explicit()
-            await self._models.unload(request.model_name)
-        except Exception as exc:
-            await _abort(context, exc)
+        await self._dp.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # ---- inference -----------------------------------------------------------
@@ -251,26 +176,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request = codec.decode_request(msg, received_ns)
         except (SluiceError, _core.StatusError) as exc:
             # Undecodable input never reaches the data plane; count it here.
-            self._dataplane.record_rejected(msg.model_name, msg.model_version, received_ns, exc)
+            self._dp.record_rejected(msg.model_name, msg.model_version, received_ns, exc)
             raise
         if time_remaining_s is not None:
             request.deadline_ns = max(1, int(time_remaining_s * 1e9))
-        response = await self._dataplane.infer(request)
+        response = await self._dp.infer(request)
         return codec.encode_response(response, raw=bool(msg.raw_input_contents))
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await _guard(context, self._infer(request, context.time_remaining()))
+        return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests on one stream run concurrently; responses go back as they
         # finish (clients match them by request id), errors in-band per request.
+        # At most STREAM_WINDOW requests are in flight or unread per stream.
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
         pending: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ModelInferRequest) -> None:
@@ -279,28 +206,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                error = as_sluice_error(exc)
-                if error is None:
-                    log.exception("unexpected error in stream request", exc_info=exc)
-                text = error.message if error is not None else f"internal error: {exc}"
-                reply = pb.ModelStreamInferResponse(error_message=text)
+                reply = pb.ModelStreamInferResponse(error_message=error_text(exc))
                 reply.infer_response.id = msg.id
                 reply.infer_response.model_name = msg.model_name
             await responses.put(reply)
 
         async def read() -> None:
-            async for msg in request_iterator:
-                task = asyncio.create_task(one(msg))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.wait(set(pending))
-            await responses.put(None)
+            try:
+                async for msg in request_iterator:
+                    await window.acquire()  # released when its reply is yielded
+                    if isinstance(msg, Undecodable):
+                        await responses.put(
+                            pb.ModelStreamInferResponse(error_message=msg.message())
+                        )
+                        continue
+                    task = asyncio.create_task(one(msg))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                if pending:
+                    await asyncio.wait(set(pending))
+            finally:
+                await responses.put(None)  # whatever happened, the writer ends
 
         reader = asyncio.create_task(read())
         try:
             while (reply := await responses.get()) is not None:
                 yield reply
+                window.release()
             await reader  # surface a reader failure
         finally:
             reader.cancel()

@@ -1,7 +1,8 @@
-"""ModelManager: loads the repository's models and resolves requests to versions.
+"""The lifecycle manager: moves every model toward what the repository (or an
+explicit load) asks for, and resolves requests to loaded versions.
 
-Threading: all public methods run on the event loop; the blocking work
-(session creation, warm-up, inference) runs on worker threads.
+Threading: all public methods run on the event loop, which only swaps results
+in: repository scans, labels writes, loads and warm-ups run on worker threads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from sluice import config as cfg
 from sluice.errors import InvalidArgumentError, ModelLoadError, NotFoundError, UnavailableError
+from sluice.host.loader import ExecutorLoader
+from sluice.host.routing import Route, Router
 from sluice.monitoring import InferStats
 from sluice.monitoring.drift import DriftMonitor, create_monitor
 from sluice.proto import model_config_pb2 as mc
@@ -23,11 +26,10 @@ from sluice.repository import layout
 from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
 from sluice.repository.policy import version_dirs
-from sluice.repository.registry import CANARY, Labels, read_metadata, update_labels
-from sluice.repository.rollout import CanaryGuard, GuardLimits, Outcome, pick_canary
+from sluice.repository.registry import Labels, read_metadata, update_labels
+from sluice.repository.rollout import CanaryGuard, GuardLimits
 from sluice.repository.swap_policy import SwapPolicy, order
-from sluice.runtime import ModelRuntime, RuntimeOptions, load_runtime
-from sluice.runtime.warmup import warm_up
+from sluice.runtime import RuntimeInfo
 from sluice.scheduling import Scheduler
 
 log = logging.getLogger(__name__)
@@ -41,13 +43,16 @@ class ModelVersion:
     state: VersionState = VersionState.LOADING
     reason: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
-    runtime: ModelRuntime | None = None
+    runtime: RuntimeInfo | None = None
     scheduler: Scheduler | None = None
     load_seconds: float = 0.0
     stats: InferStats = dataclasses.field(default_factory=InferStats)
     fingerprint: str = ""  # of the config and model file it was loaded from
     drift: DriftMonitor | None = None  # set when the version has a drift profile
     drift_reason: str = "the version has no drift profile (run sluice profile)"
+    # Requests routed here and not yet answered (see Route). Drain waits for 0.
+    leases: int = 0
+    _no_leases: asyncio.Event | None = None
 
     def transition(self, new: VersionState, reason: str = "") -> None:
         check_transition(self.state, new)
@@ -57,6 +62,26 @@ class ModelVersion:
     @property
     def ready(self) -> bool:
         return self.state is VersionState.READY
+
+    @property
+    def serving(self) -> bool:
+        """READY, and its executor can run batches (an instance may be restarting)."""
+        return self.ready and (self.scheduler is None or self.scheduler.executor.available)
+
+    def acquire(self) -> None:
+        self.leases += 1
+
+    def release(self) -> None:
+        self.leases -= 1
+        if self.leases == 0 and self._no_leases is not None:
+            self._no_leases.set()
+
+    async def drained(self) -> None:
+        """Returns once every request routed here has been answered."""
+        if self.leases == 0:
+            return
+        self._no_leases = asyncio.Event()
+        await self._no_leases.wait()
 
 
 @dataclasses.dataclass
@@ -85,16 +110,6 @@ class Model:
 
 
 @dataclasses.dataclass(frozen=True)
-class Route:
-    """Where one request goes: `primary` answers it; `compare_with` (the stable
-    version, set when primary is a canary) and `shadow` get background mirrors."""
-
-    primary: ModelVersion
-    compare_with: ModelVersion | None = None
-    shadow: ModelVersion | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class IndexEntry:
     name: str
     version: str
@@ -115,7 +130,7 @@ class ModelManager:
     def __init__(
         self,
         repository: Path,
-        options: RuntimeOptions,
+        loader: ExecutorLoader,
         *,
         swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY,
         on_change: Callable[[], Awaitable[None]] | None = None,
@@ -123,7 +138,7 @@ class ModelManager:
         detailed_stats: bool = True,
     ) -> None:
         self.repository = repository
-        self.options = options
+        self.loader = loader
         self.swap_policy = swap_policy
         self.models: dict[str, Model] = {}
         self._on_change = on_change
@@ -131,7 +146,7 @@ class ModelManager:
         self._load_gate = asyncio.Semaphore(2)
         self.guard_limits = guard_limits
         self.detailed_stats = detailed_stats
-        self._rng = random.Random()
+        self.router = Router(guard_limits, random.Random())
 
     # ---- desired state -------------------------------------------------------
 
@@ -145,7 +160,7 @@ class ModelManager:
         """Reconciles the named models (every model folder when None) with the
         repository. With unload_missing, live models whose folder is gone unload."""
         async with self._lock:
-            aspired = self.scan()
+            aspired = await asyncio.to_thread(self.scan)
             if names is not None:
                 unknown = [n for n in names if n not in aspired]
                 if unknown:
@@ -164,10 +179,11 @@ class ModelManager:
         """Explicit load (or reload) of one model, optionally with a config override.
         Raises UnavailableError with the reason when no version of it is ready after."""
         layout.check_name(name)  # a client's name is data, never a path
-        if not (self.repository / name).is_dir():
+        if not await asyncio.to_thread((self.repository / name).is_dir):
             raise NotFoundError(f"no model folder '{name}' in {self.repository}")
         async with self._lock:
-            await self._reconcile(read_aspired(self.repository, name, override), retry_failed=True)
+            aspired = await asyncio.to_thread(read_aspired, self.repository, name, override)
+            await self._reconcile(aspired, retry_failed=True)
         await self._changed()
         model = self.models[name]
         if not model.ready_versions():
@@ -179,7 +195,7 @@ class ModelManager:
         async with self._lock:
             model = self.models.get(name)
             if model is None:
-                if not (self.repository / name).is_dir():
+                if not await asyncio.to_thread((self.repository / name).is_dir):
                     raise NotFoundError(f"Request for unknown model: '{name}' is not found")
                 return
             await self._unload_model(model, "unloaded")
@@ -259,6 +275,8 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         async with self._load_gate:
             await asyncio.to_thread(self._load_version, model, new, loop)
+        if new.scheduler is not None:
+            new.scheduler.executor.start()  # on the loop, before any request can reach it
         if new.ready or old is None or not old.ready:
             model.versions[version] = new  # the swap: routing sees `new` from here on
             if old is not None:
@@ -279,6 +297,9 @@ class ModelManager:
         """Out of routing first, then drain what it accepted, then release."""
         if mv.state is VersionState.READY:
             mv.transition(VersionState.DRAINING, why)
+        # Requests routed here before it left routing hold leases; they are
+        # answered by its scheduler, which keeps running until they are.
+        await mv.drained()
         if mv.scheduler is not None:
             await mv.scheduler.stop()
             mv.scheduler = None
@@ -300,33 +321,61 @@ class ModelManager:
         # until it is swapped into the model's versions on the loop.
         started = time.monotonic()
         try:
-            path = cfg.model_file(model.directory, mv.version, mv.config)
-            runtime, notes = load_runtime(path, mv.config, model.name, self.options)
-            warm_up(runtime, mv.config, model.directory)
-            self._attach_drift(model, mv)
-            scheduler = Scheduler(
-                mv.name, mv.version, mv.config, runtime, mv.stats, loop, drift=mv.drift
-            )
+            scheduler, info, notes = self._build(model, mv, loop)
         except ModelLoadError as exc:
             mv.transition(VersionState.FAILED, exc.message)
             log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, exc.message)
             return
-        mv.runtime = runtime
+        except Exception as exc:  # anything else while loading is this version's, not the server's
+            reason = f"loading failed: {type(exc).__name__}: {exc}"
+            mv.transition(VersionState.FAILED, reason)
+            log.exception("model '%s' version %d failed to load", mv.name, mv.version)
+            return
+        mv.runtime = info
         mv.notes = notes
         mv.scheduler = scheduler
         mv.load_seconds = time.monotonic() - started
         for note in notes:
             log.info("model '%s' version %d: %s", mv.name, mv.version, note)
-        mv.transition(VersionState.READY, runtime.degraded_reason or "")
+        mv.transition(VersionState.READY, info.degraded_reason or "")
         log.info(
-            "model '%s' version %d ready in %.2fs on %s (max_batch_size %d, %d instance(s))",
+            "model '%s' version %d ready in %.2fs on %s (max_batch_size %d, %d instance(s), "
+            "%s executor)",
             mv.name,
             mv.version,
             mv.load_seconds,
-            ",".join(runtime.providers),
+            ",".join(info.providers),
             mv.config.max_batch_size,
-            runtime.instance_count,
+            info.instance_count,
+            scheduler.executor.kind,
         )
+
+    def _build(
+        self, model: Model, mv: ModelVersion, loop: asyncio.AbstractEventLoop
+    ) -> tuple[Scheduler, RuntimeInfo, list[str]]:
+        """Loads the version on its executor (completing mv.config from the
+        graph) and builds its scheduler. Raises ModelLoadError."""
+        path = cfg.model_file(model.directory, mv.version, mv.config)
+        executor, info, notes = self.loader.load(
+            mv.name, mv.version, path, model.directory, mv.config
+        )
+        try:
+            self._attach_drift(model, mv)
+            scheduler = Scheduler(
+                mv.name,
+                mv.version,
+                mv.config,
+                executor,
+                info.intra_op_threads,
+                mv.stats,
+                loop,
+                drift=mv.drift,
+            )
+            executor.attach(scheduler, scheduler.batcher, loop, scheduler.output_names)
+        except BaseException:
+            executor.close()
+            raise
+        return scheduler, info, notes
 
     @staticmethod
     def _attach_drift(model: Model, mv: ModelVersion) -> None:
@@ -361,9 +410,9 @@ class ModelManager:
         loading any newly labelled version. Raises NotFoundError for an unknown
         model, InvalidArgumentError for a labelled version with no folder."""
         directory = layout.model_dir(self.repository, name)  # a client's name: never a path
-        if not directory.is_dir():
+        if not await asyncio.to_thread(directory.is_dir):
             raise NotFoundError(f"Request for unknown model: '{name}' is not found")
-        available = set(version_dirs(directory))
+        available = set(await asyncio.to_thread(version_dirs, directory))
 
         def checked(current: Labels) -> Labels:
             updated = change(current)
@@ -376,102 +425,24 @@ class ModelManager:
 
         async with self._lock:
             labels = await asyncio.to_thread(update_labels, directory, checked)
-            await self._reconcile(read_aspired(self.repository, name))
+            await self._reconcile(await asyncio.to_thread(read_aspired, self.repository, name))
         await self._changed()
         return labels
 
     def _apply_labels(self, model: Model, labels: Labels) -> None:
-        canary_before = model.labels.canary
-        model.labels = labels
-        if labels.canary is None:
-            model.guard = None
-        elif canary_before is None or canary_before.version != labels.canary.version:
-            model.guard = CanaryGuard(self.guard_limits)  # a new canary starts clean
-            log.info(
-                "model '%s': canary version %d at weight %.3f%s",
-                model.name,
-                labels.canary.version,
-                labels.canary.weight,
-                " (sticky)" if labels.canary.sticky else "",
-            )
+        Router.new_guard(model, labels, self.guard_limits)
 
     def route(self, name: str, version: str, request_id: str) -> Route:
-        """The version a request goes to. An explicit version is served as asked;
-        an unversioned request goes to the stable label (else the latest ready
-        version), or to the canary with the canary's weight."""
-        if version:
-            return Route(self.resolve(name, version))
-        model = self.model(name)
-        labels = model.labels
-        stable = self._labelled(model, labels.stable)
-        base = stable or self.resolve(name, "")
-        primary, compare = base, None
-        canary = labels.canary
-        if canary is not None and canary.version != base.version:
-            candidate = self._labelled(model, canary.version)
-            if candidate is not None and pick_canary(
-                canary.weight, canary.sticky, request_id, self._rng
-            ):
-                primary, compare = candidate, base
-        primary.stats.count_arm("canary" if compare is not None else "stable")
-        shadow = None
-        if labels.shadow is not None and self._rng.random() < labels.shadow.sample:
-            shadow = self._labelled(model, labels.shadow.version)
-            if shadow is not None and shadow.version == primary.version:
-                shadow = None
-        return Route(primary, compare, shadow)
-
-    @staticmethod
-    def _labelled(model: Model, version: int | None) -> ModelVersion | None:
-        if version is None:
-            return None
-        mv = model.versions.get(version)
-        return mv if mv is not None and mv.ready else None
-
-    def record_canary(
-        self, canary: ModelVersion, outcome: Outcome, stable_latency_s: float | None
-    ) -> None:
-        """Feeds the canary's guard; rolls the canary back when a limit is passed."""
-        model = self.models.get(canary.name)
-        if model is None or model.guard is None or model.labels.canary is None:
-            return
-        if model.labels.canary.version != canary.version:
-            return
-        model.guard.record(outcome, stable_latency_s)
-        reason = model.guard.verdict()
-        if reason is None:
-            return
-        log.warning(
-            "model '%s': rolling canary version %d back automatically: %s",
-            model.name,
-            canary.version,
-            reason,
-        )
-        guard = reason.split(" ", 1)[0]  # "error", "p99", "outputs"
-        canary.stats.rollbacks[guard] = canary.stats.rollbacks.get(guard, 0) + 1
-        model.labels = dataclasses.replace(model.labels, canary=None)
-        model.guard = None
-        version = canary.version
-
-        def drop_canary(current: Labels) -> Labels:
-            if current.canary is None or current.canary.version != version:
-                return current  # someone moved the canary meanwhile: leave their edit
-            cleared = dataclasses.replace(current, canary=None)
-            return cleared.record(CANARY, version, "auto-rollback", reason)
-
-        try:
-            update_labels(model.directory, drop_canary)
-        except (OSError, ValueError) as exc:  # routing already changed; the file is the record
-            log.error("model '%s': cannot record the rollback in labels.json: %s", model.name, exc)
+        """The version a request goes to, with a lease on it (see Route)."""
+        return self.router.route(self.model(name), version, request_id, self.resolve)
 
     # ---- index -----------------------------------------------------------------
 
-    def index(self) -> list[IndexEntry]:
+    async def index(self) -> list[IndexEntry]:
         """Every model folder with its versions' states (Triton's RepositoryIndex)."""
         entries: list[IndexEntry] = []
         names = set(self.models)
-        if self.repository.is_dir():
-            names |= set(model_names(self.repository))
+        names |= set(await asyncio.to_thread(self._folder_names))
         for name in sorted(names):
             model = self.models.get(name)
             if model is None or (not model.versions and not model.failed_reloads):
@@ -484,6 +455,9 @@ class ModelManager:
                     reason = f"reload failed, previous load serving: {model.failed_reloads[v]}"
                 entries.append(IndexEntry(name, str(v), mv.state.value, reason))
         return entries
+
+    def _folder_names(self) -> list[str]:
+        return model_names(self.repository) if self.repository.is_dir() else []
 
     # ---- resolving -----------------------------------------------------------
 

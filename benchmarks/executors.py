@@ -1,0 +1,260 @@
+"""Thread vs process executors, side by side in one run, against the references.
+
+Usage::
+
+    python benchmarks/executors.py                        # ~8 min on 2 cores
+    python benchmarks/executors.py --measurement-interval 2000 --skip wide
+
+What it runs (perf_analyzer settings as batching.py; every server on free ports):
+
+* servers: the grpc.aio frontend-only floor (baseline_server.py --frontend-only,
+  answers from a cache), the baseline server (grpc.aio + session.run per request),
+  ``sluice serve --executor thread`` and ``sluice serve --executor process``;
+* tiny_mlp_batched at concurrency 32: throughput and server CPU per inference,
+  summed over every process of the server (executor processes included), from
+  /proc: this figure does not depend on how busy the machine is;
+* tiny_mlp (batching off) at concurrency 1: p50 against the baseline's;
+* wide_mlp_batched and wide_mlp (batching off) at concurrency 32: on/off ratio,
+  average batch, and compute_infer per batch inside the server (ModelStatistics)
+  against onnxruntime in-process at the same batch size and thread count,
+  measured by this script just before (ort_ceiling.measure, interpolated).
+
+Writes results/executors-<timestamp>.json and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import batching
+import build_models
+import harness
+import ort_ceiling
+import request_path
+
+EXECUTORS = ("thread", "process")
+
+
+def _servers(repo: Path) -> dict[str, harness.Server]:
+    servers = {
+        "frontend": harness.baseline_server(repo / "tiny_mlp", frontend_only=True),
+        "baseline": harness.baseline_server(repo / "tiny_mlp"),
+    }
+    for kind in EXECUTORS:
+        servers[kind] = harness.sluice_server(repo, extra=("--executor", kind))
+    return servers
+
+
+def _stats(url: str, model: str) -> dict[str, int] | None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model_name=model, as_json=True)
+    except InferenceServerException:
+        return None
+    finally:
+        client.close()
+    out = {"inferences": 0, "executions": 0, "infer_ns": 0}
+    for s in stats.get("model_stats", []):
+        out["inferences"] += int(s.get("inference_count", 0))
+        out["executions"] += int(s.get("execution_count", 0))
+        out["infer_ns"] += int(s.get("inference_stats", {}).get("compute_infer", {}).get("ns", 0))
+    return out
+
+
+def _run(
+    server: str,
+    url: str,
+    pid: int,
+    model: str,
+    served: str,
+    concurrency: int,
+    pa_args: argparse.Namespace,
+    deadline: float,
+) -> dict[str, Any]:
+    run = batching.Run(
+        model=model, variant=server, served=served, server=server, concurrency=concurrency
+    )
+    before = _stats(url, served)
+    cpu0, t0 = request_path._cpu_s(pid), time.monotonic()
+    batching.perf_analyzer(run, url, pa_args, deadline)
+    cpu1, t1 = request_path._cpu_s(pid), time.monotonic()
+    after = _stats(url, served)
+    served_requests = (run.throughput or 0) * (t1 - t0)
+    row: dict[str, Any] = {
+        "server": server,
+        "model": served,
+        "concurrency": concurrency,
+        "ok": run.ok,
+        "error": run.error,
+        "throughput": run.throughput,
+        "p50_us": run.p50_us,
+        "p99_us": run.p99_us,
+        "server_cpu_us_per_inference": (
+            1e6 * (cpu1 - cpu0) / served_requests if served_requests else None
+        ),
+    }
+    if before is not None and after is not None:
+        executions = after["executions"] - before["executions"]
+        if executions > 0:
+            row["avg_batch"] = (after["inferences"] - before["inferences"]) / executions
+            row["infer_us_per_batch"] = (after["infer_ns"] - before["infer_ns"]) / executions / 1e3
+    print(f"[executors] {row}", file=sys.stderr, flush=True)
+    return row
+
+
+def _find(rows: Sequence[dict[str, Any]], server: str, model: str, c: int) -> dict[str, Any]:
+    for r in rows:
+        if (r["server"], r["model"], r["concurrency"]) == (server, model, c):
+            return r
+    return {}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def summary(rows: Sequence[dict[str, Any]], ceiling: list[dict[str, float]]) -> list[list[str]]:
+    f = harness.fmt
+    base = _find(rows, "baseline", "tiny_mlp", 32)
+    floor = _find(rows, "frontend", "tiny_mlp", 32)
+    base_c1 = _find(rows, "baseline", "tiny_mlp", 1)
+    table = []
+    for kind in EXECUTORS:
+        tiny = _find(rows, kind, "tiny_mlp_batched", 32)
+        c1 = _find(rows, kind, "tiny_mlp", 1)
+        on = _find(rows, kind, "wide_mlp_batched", 32)
+        off = _find(rows, kind, "wide_mlp", 32)
+        in_proc_ms = None
+        if on.get("avg_batch") and ceiling:
+            rows_per_s = harness.ceiling_at(ceiling, on["avg_batch"])
+            in_proc_ms = 1000 * on["avg_batch"] / rows_per_s if rows_per_s else None
+        server_ms = on.get("infer_us_per_batch", 0) / 1000 or None
+        p50_gap = (
+            c1["p50_us"] - base_c1["p50_us"]
+            if c1.get("p50_us") is not None and base_c1.get("p50_us") is not None
+            else None
+        )
+        table.append(
+            [
+                kind,
+                f(_ratio(tiny.get("throughput"), base.get("throughput")), ".2f") + "x",
+                f(
+                    _ratio(
+                        tiny.get("server_cpu_us_per_inference"),
+                        floor.get("server_cpu_us_per_inference"),
+                    ),
+                    ".2f",
+                )
+                + "x",
+                f(_ratio(server_ms, in_proc_ms), ".2f") + "x",
+                f(_ratio(on.get("throughput"), off.get("throughput")), ".2f") + "x",
+                f(p50_gap, "+.0f") + " us",
+            ]
+        )
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--measurement-interval", type=int, default=3000, help="ms per window")
+    p.add_argument("--repo", type=Path, default=harness.DEFAULT_MODEL_REPO)
+    p.add_argument("--no-build", action="store_true", help="use --repo as it is")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: tiny, c1, wide")
+    p.add_argument("--max-minutes", type=float, default=30)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+
+    harness.install_cleanup()
+    if not args.no_build:
+        build_models.build(args.repo)
+    pa_args = batching.pa_settings(args.measurement_interval)
+    deadline = time.monotonic() + args.max_minutes * 60
+    ceiling: list[dict[str, float]] = []
+    if "wide" not in skip:
+        sess = ort_ceiling.session(args.repo / "wide_mlp" / "1" / "model.onnx", 1)
+        ceiling = [ort_ceiling.measure(sess, b, 2.0) for b in (1, 4, 8, 16, 32)]
+        del sess
+    plan: list[tuple[str, str, str, int]] = []  # server, base model, served model, c
+    if "tiny" not in skip:
+        plan += [(s, "tiny_mlp", "tiny_mlp", 32) for s in ("frontend", "baseline")]
+        plan += [(k, "tiny_mlp", "tiny_mlp_batched", 32) for k in EXECUTORS]
+    if "c1" not in skip:
+        plan += [(s, "tiny_mlp", "tiny_mlp", 1) for s in ("baseline", *EXECUTORS)]
+    if "wide" not in skip:
+        for k in EXECUTORS:
+            plan += [(k, "wide_mlp", "wide_mlp_batched", 32), (k, "wide_mlp", "wide_mlp", 32)]
+    rows: list[dict[str, Any]] = []
+    servers = _servers(args.repo)
+    try:
+        urls = {}
+        for name, server in servers.items():
+            if any(s == name for s, *_ in plan):
+                urls[name] = server.start(timeout_s=180)
+        for server_name, model, served, c in plan:
+            proc = servers[server_name].proc
+            assert proc is not None
+            rows.append(
+                _run(server_name, urls[server_name], proc.pid, model, served, c, pa_args, deadline)
+            )
+    finally:
+        for server in servers.values():
+            server.stop()
+    table = summary(rows, ceiling)
+    headers = [
+        "executor",
+        "tiny c=32 / baseline",
+        "CPU per inference / frontend floor",
+        "wide compute per batch / in-process",
+        "wide on/off",
+        "tiny c=1 p50 - baseline",
+    ]
+    print(harness.markdown_table(headers, table))
+    print()
+    run_headers = ["server", "model", "c", "infer/s", "p50 us", "p99 us", "CPU us/inf", "avg batch"]
+    f = harness.fmt
+    print(
+        harness.markdown_table(
+            run_headers,
+            [
+                [
+                    r["server"],
+                    r["model"],
+                    str(r["concurrency"]),
+                    f(r["throughput"], ".0f"),
+                    f(r["p50_us"], ".0f"),
+                    f(r["p99_us"], ".0f"),
+                    f(r["server_cpu_us_per_inference"], ".0f"),
+                    f(r.get("avg_batch"), ".2f"),
+                ]
+                for r in rows
+            ],
+        )
+    )
+    out = args.out or harness.BENCH_DIR / "results" / f"executors-{harness.timestamp()}.json"
+    result = {
+        "kind": "executors",
+        "timestamp": harness.timestamp(),
+        "command": "python benchmarks/executors.py " + " ".join(argv or sys.argv[1:]),
+        "machine": harness.machine_info(),
+        "ort_ceiling_wide_mlp": ceiling,
+        "runs": rows,
+        "summary": {"headers": headers, "rows": table},
+    }
+    out.write_text(harness.to_json(result))
+    print(f"wrote {harness.rel(out)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

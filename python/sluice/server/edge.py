@@ -1,0 +1,178 @@
+"""The one edge between gRPC and the data plane, for every service: a server
+interceptor that
+
+- decodes requests itself, so an undecodable message becomes INVALID_ARGUMENT
+  with a one-line reason (a stream gets it in-band for that message only),
+  never UNKNOWN with a traceback;
+- maps SluiceError (and the core's StatusError) codes to gRPC statuses, and
+  anything unexpected to INTERNAL, logged at most once per period.
+
+Authentication and restricted APIs plug in here too: an interceptor placed
+before this one sees every call first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from sluice.server.errors import as_sluice_error, grpc_status
+
+log = logging.getLogger(__name__)
+
+# Unexpected errors are logged with their traceback at most this often.
+LOG_PERIOD_S = 10.0
+
+
+class Undecodable:
+    """A request message that could not be parsed, in place of the message."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def message(self) -> str:
+        return f"the request message cannot be decoded: {self.reason}"
+
+
+class RateLimitedLog:
+    """Logs an error with its traceback at most once per `period_s`; counts the rest."""
+
+    def __init__(self, period_s: float = LOG_PERIOD_S) -> None:
+        self._period_s = period_s
+        self._next = 0.0
+        self._suppressed = 0
+
+    def error(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        extra = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+        self._suppressed = 0
+        self._next = now + self._period_s
+        log.error("%s%s", what, extra, exc_info=exc)
+
+
+UNEXPECTED = RateLimitedLog()
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, and anything else it raises
+            return Undecodable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    return decode
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with the status `exc` stands for (always raises)."""
+    error = as_sluice_error(exc)
+    if error is None:
+        UNEXPECTED.error("unexpected error", exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    else:
+        await context.abort(grpc_status(error), error.message)
+
+
+def error_text(exc: BaseException) -> str:
+    """What a stream tells the client in-band about one failed message."""
+    error = as_sluice_error(exc)
+    if error is None:
+        UNEXPECTED.error("unexpected error in a stream message", exc)
+        return f"internal error: {type(exc).__name__}"
+    return error.message
+
+
+def _unary(
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+        try:
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    return call
+
+
+def _streaming(
+    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+
+    return call
+
+
+class ErrorEdge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps every async handler once (cached per method)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        wrapped = self._cache.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        wrapped = _wrap(handler)
+        self._cache[method] = wrapped
+        return wrapped
+
+
+def _wrap(h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    deserialize = _safe(h.request_deserializer)
+    serialize = h.response_serializer
+    if h.unary_unary is not None and inspect.iscoroutinefunction(h.unary_unary):
+        return grpc.unary_unary_rpc_method_handler(
+            _unary(h.unary_unary), request_deserializer=deserialize, response_serializer=serialize
+        )
+    if h.stream_unary is not None and inspect.iscoroutinefunction(h.stream_unary):
+        return grpc.stream_unary_rpc_method_handler(
+            _unary(h.stream_unary), request_deserializer=deserialize, response_serializer=serialize
+        )
+    if h.unary_stream is not None and inspect.isasyncgenfunction(h.unary_stream):
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(h.unary_stream),
+            request_deserializer=deserialize,
+            response_serializer=serialize,
+        )
+    if h.stream_stream is not None and inspect.isasyncgenfunction(h.stream_stream):
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(h.stream_stream),
+            request_deserializer=deserialize,
+            response_serializer=serialize,
+        )
+    return h  # not ours to wrap (a sync handler): left as it is
