@@ -37,10 +37,17 @@ def int_parameter(parameters: Mapping[str, object], key: str, model_name: str) -
         if len(shown) > 40:
             shown = shown[:37] + "..."
         raise InvalidArgumentError(
-            f"parameter '{key}' of a request for model '{model_name}' must be an integer "
-            f"in [{low}, {high}], got {shown}"
+            f"parameter '{key}' of a request for model '{_one_line(model_name)}' must be an "
+            f"integer in [{low}, {high}], got {shown}"
         )
     return value
+
+
+def _one_line(name: str) -> str:
+    """A client's name for a message: escaped to one line, bounded (found by fuzzing:
+    a model name of newlines made a multi-line reason)."""
+    text = repr(name)[1:-1]
+    return text if len(text) <= 128 else text[:125] + "..."
 
 
 @dataclasses.dataclass(frozen=True)

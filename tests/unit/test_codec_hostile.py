@@ -80,6 +80,16 @@ def test_typed_and_raw_decode_agree() -> None:
 
 @pytest.mark.parametrize("path", sorted(FINDINGS.glob("finding_*")), ids=lambda p: p.name)
 def test_fuzz_findings_stay_client_errors(path: Path) -> None:
+    """What the harness does: decode, then range-check the parameters."""
     msg = pb.ModelInferRequest()
     msg.ParseFromString(path.read_bytes())
-    _refused(msg)
+
+    def decode_and_check() -> None:
+        request = codec.decode_request(msg, 0)
+        for key in limits.PARAMETER_RANGES:
+            limits.int_parameter(request.parameters, key, request.model_name)
+
+    with pytest.raises((InvalidArgumentError, ResourceExhaustedError)) as err:
+        decode_and_check()
+    assert "\n" not in err.value.message
+    assert len(err.value.message) < 1024
