@@ -171,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-build", action="store_true", help="use --repo as it is")
     p.add_argument("--skip", default="", help="comma list of parts to skip: tiny, c1, wide")
     p.add_argument("--max-minutes", type=float, default=30)
+    p.add_argument(
+        "--stability-pct",
+        type=int,
+        default=batching.STABILITY_PCT,
+        help="perf_analyzer -s (raise it on a busy machine: CPU per inference, the figure "
+        "that matters here, does not need stable windows)",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -179,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_build:
         build_models.build(args.repo)
     pa_args = batching.pa_settings(args.measurement_interval)
+    pa_args.stability_pct = args.stability_pct
+    pa_args.retry_stability_pct = max(args.stability_pct, batching.RETRY_STABILITY_PCT)
     deadline = time.monotonic() + args.max_minutes * 60
     ceiling: list[dict[str, float]] = []
     if "wide" not in skip:

@@ -10,8 +10,13 @@
 #                      --input-data, --async
 #
 # Writes benchmarks/results/<model>_<timestamp>_c<range>.csv and prints its
-# path on the last line of stdout. Installs perf_analyzer first (see
+# path on the last line of stdout (new CSVs there are git-ignored: `git add -f`
+# the one a README cites). Installs perf_analyzer first (see
 # install_perf_analyzer.sh) if the wrapper is missing.
+#
+# Exit status: perf_analyzer's when it fails; 3 when it reports that it could
+# not get a stable measurement (its numbers are then not a result); 1 when it
+# wrote no CSV.
 #
 # Environment:
 #   PERF_ANALYZER_VENV  venv holding perf_analyzer (default benchmarks/.venv-perf)
@@ -19,7 +24,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -72,11 +77,19 @@ cmd=("${PA}" -i grpc -u "${URL}" -m "${MODEL}"
      ${EXTRA[@]+"${EXTRA[@]}"})
 
 echo "[perf_analyzer.sh] ${cmd[*]}" >&2
+LOG="$(mktemp)"
+trap 'rm -f "${LOG}"' EXIT
 status=0
-"${cmd[@]}" || status=$?
+"${cmd[@]}" 2>&1 | tee "${LOG}" >&2 || status=${PIPESTATUS[0]}
 if [ "${status}" -ne 0 ]; then
   echo "[perf_analyzer.sh] perf_analyzer exited with status ${status}" >&2
   exit "${status}"
+fi
+# perf_analyzer exits 0 even when a concurrency level never stabilised.
+if grep -q "Failed to obtain stable measurement" "${LOG}"; then
+  echo "[perf_analyzer.sh] perf_analyzer could not get a stable measurement" \
+       "(see above; try a longer --measurement-interval or a quieter machine)" >&2
+  exit 3
 fi
 if [ ! -s "${CSV}" ]; then
   echo "[perf_analyzer.sh] perf_analyzer wrote no CSV at ${CSV}" >&2

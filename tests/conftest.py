@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -23,6 +25,29 @@ sys.path.insert(0, str(TESTS))  # lets tests import onnx_models and sluice_proto
 # Before anything imports sluice's generated protos: keep them out of protobuf's
 # default pool, which tritonclient's identical `inference` package occupies.
 import sluice_proto_pool  # noqa: E402, F401
+
+T = TypeVar("T")
+
+
+def wait_until(
+    what: str,
+    attempt: Callable[[], T | None],
+    timeout_s: float = 30,
+    interval_s: float = 0.01,
+) -> T:
+    """Re-checks a state (a server's index, statistics, metrics; a counter a
+    load thread advances) until attempt() returns something other than None or
+    False, and returns it; fails naming `what` after timeout_s. The one polling
+    helper of the suite: what it waits on is a state, never an amount of time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = attempt()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
 
 _BANNER = re.compile(r"ready: grpc ([\d.]+):(\d+), http [\d.]+:(\d+)")
 

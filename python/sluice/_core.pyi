@@ -1,7 +1,7 @@
 """Stubs for the compiled core (csrc/bindings)."""
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from typing_extensions import Buffer
@@ -18,6 +18,14 @@ def encode_bytes_tensor(elements: Iterable[str | bytes]) -> bytes: ...
 class TimeoutAction:
     REJECT: TimeoutAction
     DELAY: TimeoutAction
+    @property
+    def value(self) -> int: ...
+    # pybind11 enum protocol
+    __members__: ClassVar[dict[str, TimeoutAction]]
+    @property
+    def name(self) -> str: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
 
 class QueuePolicy:
     timeout_action: TimeoutAction
@@ -111,6 +119,12 @@ class FeatureKind:
     CATEGORICAL: FeatureKind
     @property
     def value(self) -> int: ...
+    # pybind11 enum protocol
+    __members__: ClassVar[dict[str, FeatureKind]]
+    @property
+    def name(self) -> str: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
 
 class DriftRule:
     PSI: DriftRule
@@ -119,6 +133,12 @@ class DriftRule:
     PSI_OR_P_VALUE: DriftRule
     @property
     def value(self) -> int: ...
+    # pybind11 enum protocol
+    __members__: ClassVar[dict[str, DriftRule]]
+    @property
+    def name(self) -> str: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
 
 class Correction:
     NONE: Correction
@@ -126,6 +146,12 @@ class Correction:
     BENJAMINI_HOCHBERG: Correction
     @property
     def value(self) -> int: ...
+    # pybind11 enum protocol
+    __members__: ClassVar[dict[str, Correction]]
+    @property
+    def name(self) -> str: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
 
 class Verdict:
     NO_DRIFT: Verdict
@@ -133,6 +159,12 @@ class Verdict:
     INSUFFICIENT_DATA: Verdict
     @property
     def value(self) -> int: ...
+    # pybind11 enum protocol
+    __members__: ClassVar[dict[str, Verdict]]
+    @property
+    def name(self) -> str: ...
+    def __int__(self) -> int: ...
+    def __index__(self) -> int: ...
 
 class NumericProfile:
     @property

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from google.protobuf import json_format, text_format
 
-from sluice import datatypes
+from sluice import datatypes, defaults
 from sluice.errors import ModelLoadError
 from sluice.proto import model_config_pb2 as mc
 
@@ -30,7 +30,7 @@ SUPPORTED_PLATFORMS = ("", "onnxruntime_onnx")
 SUPPORTED_BACKENDS = ("", "onnxruntime", "onnx")
 DEFAULT_MODEL_FILENAME = "model.onnx"
 # Triton's autocomplete default for models whose graph can batch.
-DEFAULT_MAX_BATCH_SIZE = 4
+DEFAULT_MAX_BATCH_SIZE = defaults.DEFAULT_MAX_BATCH_SIZE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,8 @@ enum name, numpy and onnxruntime. Everything else looks types up here."""
 from __future__ import annotations
 
 import dataclasses
+import string
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -83,3 +85,34 @@ def _config_enum_table() -> dict[int, DataType]:
 
 
 _BY_CONFIG_ENUM: dict[int, DataType] = _config_enum_table()
+
+
+_LETTERS = np.array(list(string.ascii_lowercase))
+FILLS = ("zero", "random")
+
+
+def generated(
+    dt: DataType, shape: Sequence[int], rng: np.random.Generator, fill: str = "random"
+) -> np.ndarray[Any, Any]:
+    """Generated data of one datatype, the one generator behind `sluice infer
+    --random`, `sluice bench` and warm-up. "zero": zeros (empty strings for
+    BYTES). "random": floats standard normal; integers 0-9 (valid for unsigned
+    types, and as indices or token ids); bools 0/1; BYTES short random lowercase
+    words (valid UTF-8, so text models accept them), as an object array of str."""
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, not {fill!r}")
+    shape = list(shape)
+    if dt.is_bytes:
+        if fill == "zero":
+            return np.full(shape, "", dtype=object)
+        count = int(np.prod(shape, dtype=np.int64))
+        words = ["".join(row) for row in rng.choice(_LETTERS, size=(count, 8))]
+        return np.array(words, dtype=object).reshape(shape)
+    assert dt.numpy is not None
+    if fill == "zero":
+        return np.zeros(shape, dtype=dt.numpy)
+    if dt.numpy.kind == "f" or dt.wire == "BF16":
+        return rng.standard_normal(shape).astype(dt.numpy)
+    if dt.numpy.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    return rng.integers(0, 10, size=shape).astype(dt.numpy)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
@@ -193,13 +192,6 @@ def _pending(server: ServerProcess, model: str) -> float:
     return 0.0
 
 
-def _wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "state not reached in time"
-        time.sleep(0.005)  # polling a server-side state, not waiting for time
-
-
 def test_queue_full_is_resource_exhausted(server: ServerProcess) -> None:
     client = tc.InferenceServerClient(server.url)
     done = threading.Event()
@@ -211,7 +203,12 @@ def test_queue_full_is_resource_exhausted(server: ServerProcess) -> None:
 
     client.async_infer("mlp_small_queue", [_input(np.zeros((1, 16), np.float32))], callback)
     # The first request waits out its 1 s queue delay, filling the queue of one.
-    _wait_for(lambda: _pending(server, "mlp_small_queue") == 1)
+    wait_until(
+        "mlp_small_queue pending == 1",
+        lambda: _pending(server, "mlp_small_queue") == 1,
+        timeout_s=10,
+        interval_s=0.005,
+    )
     with pytest.raises(InferenceServerException) as info:
         client.infer("mlp_small_queue", [_input(np.zeros((1, 16), np.float32))])
     assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
@@ -343,9 +340,19 @@ def test_cancelled_call_is_removed_from_the_queue(server: ServerProcess) -> None
         [_input(np.zeros((1, 16), np.float32))],
         lambda result, error: outcome.append(error or result),
     )
-    _wait_for(lambda: _pending(server, "mlp_priorities") == 1)  # queued, waiting out its delay
+    wait_until(
+        "mlp_priorities pending == 1",
+        lambda: _pending(server, "mlp_priorities") == 1,
+        timeout_s=10,
+        interval_s=0.005,
+    )  # queued, waiting out its delay
     call.cancel()
-    _wait_for(lambda: _pending(server, "mlp_priorities") == 0)
+    wait_until(
+        "mlp_priorities pending == 0",
+        lambda: _pending(server, "mlp_priorities") == 0,
+        timeout_s=10,
+        interval_s=0.005,
+    )
     client.infer("mlp_priorities", [_input(np.ones((1, 16), np.float32))])
     rows, _ = (a - b for a, b in zip(_stats(server.url, "mlp_priorities"), before, strict=True))
     assert rows == 1, "the cancelled request must never run"

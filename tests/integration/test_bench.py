@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 
 MODEL = "tabular_classifier"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -66,8 +66,10 @@ def test_bench_reports_what_the_server_counted(
 
     assert report["requests"] == report["successes"] == 300
     assert report["errors"] == {"total": 0, "by_code": {}, "examples": {}}
-    assert report["throughput"]["infer_per_s"] > 0
-    assert report["throughput"]["rows_per_s"] == pytest.approx(report["throughput"]["infer_per_s"])
+    assert report["throughput"]["requests_per_s"] > 0
+    assert report["throughput"]["rows_per_s"] == pytest.approx(
+        report["throughput"]["requests_per_s"]
+    )
     latency = report["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
     warmup = report["warmup"]["successes"]
@@ -85,6 +87,7 @@ def test_bench_reports_what_the_server_counted(
     assert cost["usd_per_1000_inferences"] > 0, cost
     assert cost["inferences"] == 300
     assert cost["note"] is None
+    assert report["missing"] == []
 
 
 def test_bench_table_says_cost_is_zero_without_a_price(
@@ -141,3 +144,57 @@ def test_bench_unknown_model_fails_clearly(example_server: ServerProcess) -> Non
     assert "NOT_FOUND" in done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+def test_bench_keeps_what_it_measured_when_the_server_stops(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    server = start_server()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.cli", "bench", MODEL, "--url", server.url,
+         "--metrics-url", f"http://127.0.0.1:{server.http_port}/metrics",
+         "--duration", "8", "--json", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # Wait on the server's own count: the measured run is under way once it
+        # passes the 20 warmup requests.
+        def measuring() -> bool:
+            assert proc.poll() is None, proc.communicate()
+            return server_successes(server.url) >= 20 + 100
+
+        wait_until("the measured run to get going", measuring, timeout_s=60, interval_s=0.05)
+        server.stop()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert report["successes"] >= 100
+    assert report["errors"]["by_code"].get("UNAVAILABLE", 0) > 0
+    assert report["latency_ms"]["p50"] > 0
+    assert report["server"]["requests"] is None
+    assert "statistics after the run unavailable" in report["server"]["note"]
+    assert [m.split(":")[0] for m in report["missing"]] == ["server", "cost"]
+
+
+def test_bench_leaves_out_cost_read_from_another_server(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    measured = start_server(None, "--cost-per-hour", "3.6")
+    other = start_server(None, "--cost-per-hour", "3.6")
+    done = bench(
+        MODEL,
+        "--url",
+        measured.url,
+        "--metrics-url",
+        f"http://127.0.0.1:{other.http_port}/metrics",
+        "--requests",
+        "50",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not the same server's page" in done.stdout
+    assert "missing from this report" in done.stdout
+    assert "per 1000 inferences" not in done.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,16 +16,16 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from sluice import cli
-from sluice.drift_cli import report_dict
+from sluice import cli, defaults
+from sluice.cli.drift import report_dict
 from sluice.monitoring import drift
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 from tritonclient.utils import InferenceServerException
 
-EXAMPLE = Path(cli.__file__).resolve().parent / "examples" / "models" / "tabular_classifier"
+EXAMPLE = defaults.EXAMPLES / "tabular_classifier"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FEATURES = 8
 SHIFTED = (0, 3, 5)
@@ -100,12 +99,12 @@ def _report(url: str, model: str) -> dict[str, Any]:
 def _wait_rows(url: str, model: str, rows: int, timeout_s: float = 30) -> dict[str, Any]:
     """The report once the window holds `rows` rows (the windows are fed right
     after each response leaves, so they may trail the last response briefly)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def attempt() -> dict[str, Any] | None:
         report = _report(url, model)
-        if report["inputs"]["rows"] >= rows or time.monotonic() > deadline:
-            return report
-        time.sleep(0.01)
+        return report if report["inputs"]["rows"] >= rows else None
+
+    return wait_until(f"{rows} rows in {model}'s drift window", attempt, timeout_s)
 
 
 def _scrape(server: ServerProcess) -> list[tuple[str, dict[str, str], float]]:
@@ -273,6 +272,36 @@ def test_feedback_moves_accuracy_and_flags_degradation(server: ServerProcess) ->
         v for n, ls, v in samples if n == "sluice_model_quality_degraded" and ls["model"] == SAME
     ] == [1]
     assert _report(server.url, SAME)["quality"]["degraded"]
+
+
+def test_feedback_command_sends_labels_and_names_a_wrong_row_count(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = tc.InferenceServerClient(server.url)
+    rng = np.random.default_rng(11)
+    predicted: dict[str, list[int]] = {}
+    for i in range(5):  # two rows per request: one label per row
+        result = _send(client, SKEW, rng.standard_normal((2, FEATURES)), rid=f"cli-{i}")
+        predicted[f"cli-{i}"] = [int(v) for v in result.as_numpy("label")[:, 0]]
+    client.close()
+    labels = tmp_path / "labels.csv"
+    lines = [f"{rid},{a},{b}" for rid, (a, b) in predicted.items()]
+    labels.write_text("\n".join(["request_id,row0,row1", *lines, "never-sent,1,1"]) + "\n")
+    url = ["--url", server.url]
+    assert cli.main(["feedback", SKEW, "--labels", str(labels), "--json", *url]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["matched"], result["unknown"]) == (5, 1)
+    assert result["quality"]["labelled"] == 10  # rows, not requests
+    assert result["quality"]["metrics"]["accuracy"] == 1.0
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"cli-0": [1]}))
+    assert cli.main(["feedback", SKEW, "--labels", str(wrong), *url]) == 1
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err
+    assert "'cli-0': 1 value(s) for 2 predicted row(s)" in err
+    # Nothing was counted for the refused label.
+    assert _report(server.url, SKEW)["quality"]["labelled"] == 10
 
 
 def test_rules_and_dashboard_drift_metrics_exist(fed: ServerProcess) -> None:

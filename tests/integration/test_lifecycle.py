@@ -18,7 +18,7 @@ import onnx
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tca
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
@@ -142,9 +142,9 @@ def test_publish_in_poll_mode_then_rollback_with_zero_failures(
     assert {v for v, _ in load.ok} == {"1", "2"}
     print(f"poll publish + rollback: {len(load.ok)} requests, p99 {load.p99_ms():.1f} ms")
     # Version 2's folder is gone: the index settles on version 1 alone.
-    _wait_until(
-        lambda: {k: v[0] for k, v in _index(server.url).items()} == {(MODEL, "1"): "READY"},
+    wait_until(
         "the index to show only version 1, READY",
+        lambda: {k: v[0] for k, v in _index(server.url).items()} == {(MODEL, "1"): "READY"},
     )
 
 
@@ -208,12 +208,13 @@ def test_corrupt_version_never_loads_and_the_previous_keeps_serving(
     with Load(server.url) as load:
         _wait(load.saw("1"), "version 1 to answer")
         publish(repo, 2, corrupt=True)
-        deadline = time.monotonic() + 30
-        while (MODEL, "2") not in _index(server.url):  # the poll has seen version 2
-            assert time.monotonic() < deadline, "version 2 never showed up in the index"
-            time.sleep(0.05)  # polling server state
+        wait_until(
+            "the poll to list version 2 in the index",
+            lambda: (MODEL, "2") in _index(server.url),
+            interval_s=0.05,
+        )
         served_after = len(load.ok)
-        _wait_until(lambda: len(load.ok) > served_after + 50, "more answers after the failure")
+        wait_until("more answers after the failure", lambda: len(load.ok) > served_after + 50)
     state, reason = _index(server.url)[(MODEL, "2")]
     assert state == "UNAVAILABLE"
     assert "onnxruntime cannot load" in reason
@@ -221,13 +222,6 @@ def test_corrupt_version_never_loads_and_the_previous_keeps_serving(
     assert load.failures == []
     assert {v for v, _ in load.ok} == {"1"}
     assert "version 2 failed to load" in server.log
-
-
-def _wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)  # polling a counter the load thread advances
 
 
 @pytest.fixture(autouse=True)

@@ -140,6 +140,9 @@ def test_allow_metrics_false_serves_no_metrics_but_keeps_statistics(
     assert info.value.code == 404
     info.value.close()
     assert urllib.request.urlopen(base + "/v2/health/ready", timeout=5).status == 200
+    banner = "".join(server.stdout_lines)
+    assert "(/v2/health/ready)" in banner  # the banner does not offer the missing /metrics
+    assert "/metrics" not in banner
     client = tc.InferenceServerClient(server.url)
     x = tc.InferInput("features", [1, 8], "FP32")
     x.set_data_from_numpy(np.zeros((1, 8), np.float32))

@@ -17,13 +17,13 @@ missing binary is a failure.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import yaml
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from tritonclient.utils import InferenceServerException
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +53,13 @@ NVML_ONLY_PREFIX = "nv_gpu_"
 # with a drift profile (sluice profile); the bundled examples have none, so they
 # are exempt here where absent. tests/integration/test_drift.py checks that every
 # one the rules and the dashboard query is exposed for a profiled model.
-PROFILED_ONLY = re.compile(r"^sluice_(drift_|feature_skew|model_quality)")
+# Shadow comparisons and canary rollbacks have samples only while a model has a
+# shadow label or after a guard fired; tests/integration/test_rollout.py checks
+# that the dashboard's rollout queries are exposed then. (Every unversioned
+# request counts sluice_rollout_requests_total{arm="stable"}, so that one is here.)
+ONLY_WHEN_USED = re.compile(
+    r"^sluice_(drift_|feature_skew|model_quality|shadow_comparisons|canary_rollbacks)"
+)
 
 T = TypeVar("T")
 StartServer = Callable[..., ServerProcess]
@@ -69,16 +75,8 @@ def require_binary(name: str) -> str:
     pytest.skip(message)
 
 
-def poll(what: str, attempt: Callable[[], T | None], timeout_s: float = 60) -> T:
-    """attempt() until it returns something other than None, or fail after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = attempt()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.2)
+# Prometheus answers over HTTP: re-ask every 0.2 s, for up to a minute by default.
+poll = functools.partial(wait_until, timeout_s=60, interval_s=0.2)
 
 
 def series(name: str, **labels: str) -> str:
@@ -452,7 +450,7 @@ def test_prometheus_scrapes_sluice(
     for expr in dashboard_exprs():
         query = grafana_to_promql(expr)
         result = prom.query(query)
-        profiled_only = all(PROFILED_ONLY.match(n) for n in parse_promql(expr)[0])
+        profiled_only = all(ONLY_WHEN_USED.match(n) for n in parse_promql(expr)[0])
         if NVML_ONLY_PREFIX not in expr and not profiled_only:
             assert result, f"dashboard query returned no data: {query}"
     for metric, label in dashboard_label_values():
@@ -485,7 +483,7 @@ def test_queried_metrics_exist_in_sluice_exposition(start_server: StartServer) -
             if name in recorded:
                 continue
             if name not in samples:
-                if PROFILED_ONLY.match(name):
+                if ONLY_WHEN_USED.match(name):
                     continue
                 if not (name.startswith(NVML_ONLY_PREFIX) and not nvml):
                     problems.append(f"{where}: {name} is not in /metrics")
@@ -494,7 +492,7 @@ def test_queried_metrics_exist_in_sluice_exposition(start_server: StartServer) -
                 problems.append(f"{where}: {name} has no label(s) {sorted(missing)}")
         if NVML_ONLY_PREFIX in expr and not nvml:
             continue  # the GPU gauges and their gpu_uuid label are absent without NVML
-        if all(PROFILED_ONLY.match(name) for name in selectors):
+        if all(ONLY_WHEN_USED.match(name) for name in selectors):
             continue  # drift labels (feature, metric) exist only for profiled models
         if missing := grouping - all_labels:
             problems.append(f"{where}: grouping by unknown label(s) {sorted(missing)}")

@@ -220,7 +220,7 @@ def _zero_feeds(config: mc.ModelConfig, skip: str) -> dict[str, np.ndarray[Any, 
     for t in config.input:
         if t.name == skip:
             continue
-        dt = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)]
+        dt = datatypes.by_config_enum(t.data_type)
         assert dt.numpy is not None
         feeds[t.name] = np.zeros((1, *t.dims), dtype=dt.numpy)
     return feeds

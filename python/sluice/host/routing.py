@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sluice.repository.registry import CANARY, Labels, update_labels
 from sluice.repository.rollout import CanaryGuard, GuardLimits, pick_canary
@@ -91,13 +91,14 @@ class Router:
 
     @staticmethod
     def new_guard(model: Model, labels: Labels, limits: GuardLimits) -> None:
-        """Starts a clean guard when the canary changes; drops it when none."""
+        """Starts a clean guard when the canary changes; drops it when none.
+        The model's `canary_*` config parameters override the server's limits."""
         before = model.labels.canary
         model.labels = labels
         if labels.canary is None:
             model.guard = None
         elif before is None or before.version != labels.canary.version:
-            model.guard = CanaryGuard(limits)
+            model.guard = CanaryGuard(model_limits(model, limits))
             log.info(
                 "model '%s': canary version %d at weight %.3f%s",
                 model.name,
@@ -180,3 +181,36 @@ def _guard_for(model: Model, canary: ModelVersion) -> CanaryGuard | None:
     if model.labels.canary.version != canary.version:
         return None
     return model.guard
+
+
+# Model config parameters that tune its canary's guard: the GuardLimits field
+# each sets, the factor from the parameter's unit to the field's, and whether
+# it counts requests (an integer).
+GUARD_PARAMETERS: dict[str, tuple[str, float, bool]] = {
+    "canary_window": ("window", 1, True),
+    "canary_min_requests": ("min_requests", 1, True),
+    "canary_max_error_rate": ("max_error_rate", 1, False),
+    "canary_max_latency_ratio": ("max_p99_ratio", 1, False),
+    "canary_min_latency_excess_ms": ("min_latency_excess_s", 1e-3, False),
+    "canary_max_divergence": ("max_divergence", 1, False),
+}
+
+
+def model_limits(model: Model, defaults: GuardLimits) -> GuardLimits:
+    """`defaults` with the model's canary_* parameters applied. A value that is
+    not a finite non-negative number (a whole one for counts) is logged and
+    ignored."""
+    changes: dict[str, Any] = {}
+    for key, (field, unit, whole) in GUARD_PARAMETERS.items():
+        if key not in model.config.parameters:
+            continue
+        text = model.config.parameters[key].string_value
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value < float("inf") or (whole and (value != int(value) or value < 1)):
+            log.error("model '%s': ignoring parameter %s=%r", model.name, key, text)
+            continue
+        changes[field] = int(value) if whole else value * unit
+    return dataclasses.replace(defaults, **changes) if changes else defaults

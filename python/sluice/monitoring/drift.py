@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from sluice import _core
+from sluice.errors import InvalidArgumentError
 from sluice.monitoring import drift_stats
 from sluice.proto import model_config_pb2 as mc
 
@@ -471,9 +472,17 @@ class DriftMonitor:
             self.predictions.popitem(last=False)
 
     def feedback(self, request_id: str, truth: Sequence[float]) -> bool:
+        """Counts ground truth for a remembered request; False for an id it does
+        not remember. A wrong number of values is the caller's error, not an
+        unknown id: it raises InvalidArgumentError naming the id."""
         predicted = self.predictions.get(request_id)
-        if predicted is None or self.quality is None or len(truth) != len(predicted):
+        if predicted is None or self.quality is None:
             return False
+        if len(truth) != len(predicted):
+            raise InvalidArgumentError(
+                f"feedback for request id {request_id!r}: {len(truth)} value(s) for "
+                f"{len(predicted)} predicted row(s); give one value per row of the request"
+            )
         for p, t in zip(predicted, truth, strict=True):
             self.quality.add(p, t)
         return True

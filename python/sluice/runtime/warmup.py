@@ -23,16 +23,10 @@ log = logging.getLogger(__name__)
 def _array(
     dt: datatypes.DataType, shape: list[int], fill: str, rng: np.random.Generator, raw: bytes | None
 ) -> np.ndarray[Any, Any]:
-    if dt.is_bytes:
-        return np.full(shape, "" if fill == "zero" else "warmup", dtype=object)
-    assert dt.numpy is not None
-    if raw is not None:
+    if raw is not None and not dt.is_bytes:
+        assert dt.numpy is not None
         return np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
-    if fill == "random" and dt.numpy.kind == "f":
-        return rng.random(shape).astype(dt.numpy)
-    if fill == "random" and dt.numpy.kind in "iu":
-        return rng.integers(0, 8, size=shape).astype(dt.numpy)
-    return np.zeros(shape, dtype=dt.numpy)
+    return datatypes.generated(dt, shape, rng, fill)
 
 
 # Warm-up data beyond this is refused: a warm-up request is one small batch.
@@ -64,7 +58,7 @@ def _configured_requests(
     for w in config.model_warmup:
         feeds: dict[str, np.ndarray[Any, Any]] = {}
         for name, spec in w.inputs.items():
-            dt = datatypes.BY_CONFIG[mc.DataType.Name(spec.data_type)]
+            dt = datatypes.by_config_enum(spec.data_type)
             batch = [max(1, w.batch_size)] if config.max_batch_size > 0 else []
             shape = batch + list(spec.dims)
             which = spec.WhichOneof("input_data_type")
@@ -82,7 +76,7 @@ def _generated_request(config: mc.ModelConfig) -> dict[str, np.ndarray[Any, Any]
     rng = np.random.default_rng(0)
     feeds = {}
     for t in config.input:
-        dt = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)]
+        dt = datatypes.by_config_enum(t.data_type)
         dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
         shape = ([1] if config.max_batch_size > 0 else []) + [d if d >= 0 else 1 for d in dims]
         feeds[t.name] = _array(dt, shape, "zero", rng, None)

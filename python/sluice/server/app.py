@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import sluice
-from sluice import limits
+from sluice import defaults, limits
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.limits import RequestLimits
 from sluice.monitoring.cost import CostModel
@@ -40,25 +40,32 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSION_NAME = spb.DESCRIPTOR.services_by_name["SluiceService"].full_name
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
+EXAMPLES = defaults.EXAMPLES
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
     model_repository: Path = EXAMPLES
-    host: str = "127.0.0.1"
-    grpc_port: int = 8001
-    http_port: int = 8002
-    grace_seconds: float = 30.0
-    # Triton accepts up to 2 GiB; a smaller default bounds what one client can
-    # make the server hold. Larger messages get RESOURCE_EXHAUSTED.
-    max_message_bytes: int = 256 * 1024 * 1024
+    host: str = defaults.HOST
+    grpc_port: int = defaults.GRPC_PORT
+    http_port: int = defaults.HTTP_PORT
+    grace_seconds: float = defaults.GRACE_SECONDS
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES  # why this size: sluice.defaults
+    # On SIGTERM: seconds spent reporting not ready while still serving, before the
+    # gRPC port stops accepting. Load balancers that watch readiness (Kubernetes
+    # endpoints, KServe) stop routing here during it; 0 stops accepting at once.
+    drain_delay_seconds: float = 0.0
+    # Open the gRPC port only once the initial load is done (HTTP health and
+    # /metrics listen from the start). For load balancers that do not check
+    # readiness (nginx): a loading replica refuses connections, which they retry
+    # elsewhere, instead of answering UNAVAILABLE.
+    grpc_listen_after_load: bool = False
     runtime: RuntimeOptions = dataclasses.field(default_factory=RuntimeOptions)
     cost: CostModel = dataclasses.field(default_factory=CostModel)
     # Triton's --model-control-mode: none (load all at start), poll (rescan every
     # repository_poll_secs), explicit (load/unload RPCs; load_models at start).
     control_mode: str = "none"
-    repository_poll_secs: float = 15.0
+    repository_poll_secs: float = defaults.REPOSITORY_POLL_SECS
     load_models: tuple[str, ...] = ()
     swap_policy: SwapPolicy = SwapPolicy.AVAILABILITY
     # Triton's --allow-metrics: false serves no /metrics and skips the histograms
@@ -131,14 +138,9 @@ class SluiceServer:
         if not options.reuse_port:
             ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
             ensure_free(options.host, options.http_port, "HTTP", "--http-port")
-        address = f"{options.host}:{options.grpc_port}"
-        if options.grpc_tls is not None:
-            credentials = security.grpc_server_credentials(options.grpc_tls)
-            self.grpc_port = self._grpc.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = self._grpc.add_insecure_port(address)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen for gRPC on {address}")
+        self.grpc_port = 0
+        if not options.grpc_listen_after_load:
+            self._listen_grpc()
         registry = (
             build_registry(self._version_views, sluice.__version__, options.cost)
             if options.allow_metrics
@@ -159,6 +161,17 @@ class SluiceServer:
         ):
             log.warning("SECURITY: %s", warning)
         self.http_port = self._http.port
+
+    def _listen_grpc(self) -> None:
+        address = f"{self.options.host}:{self.options.grpc_port}"
+        tls = self.options.grpc_tls
+        if tls is not None:  # issue 15: TLS/mTLS, certificates reloaded on change
+            credentials = security.grpc_server_credentials(tls)
+            self.grpc_port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)  # binds and listens
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
 
     def is_ready(self) -> bool:
         return self._ready
@@ -200,12 +213,13 @@ class SluiceServer:
     async def start(self) -> None:
         """Listens first (live, not ready), loads the repository, then turns ready."""
         await self._set_health()
-        await self._grpc.start()
+        if not self.options.grpc_listen_after_load:
+            await self._grpc.start()
         self._http.start()
         log.info(
-            "listening: grpc %s:%d, http %s:%d",
+            "listening: grpc %s:%s, http %s:%d",
             self.options.host,
-            self.grpc_port,
+            self.grpc_port or "after the initial load",
             self.options.host,
             self.http_port,
         )
@@ -218,6 +232,9 @@ class SluiceServer:
             await self.models.sync()
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="sluice-repository-poll")
+        if self.options.grpc_listen_after_load:
+            self._listen_grpc()
+            await self._grpc.start()
         self._ready = True
         await self._set_health()
 
@@ -231,20 +248,26 @@ class SluiceServer:
                 log.exception("repository poll failed")
 
     async def stop(self) -> None:
-        """Stops in order: not ready; refuse new RPCs; let accepted ones finish
-        within the grace period; unload models; close HTTP."""
+        """Stops in order: not ready (still serving for the drain delay); refuse
+        new RPCs; let accepted ones finish within the grace period; unload models;
+        close HTTP."""
         self._ready = False
         if self._poller is not None:
             self._poller.cancel()
+        if self.options.drain_delay_seconds > 0:
+            await self._set_health()  # NOT_SERVING everywhere, RPCs still answered
+            log.info("not ready; accepting for %.1fs more", self.options.drain_delay_seconds)
+            await asyncio.sleep(self.options.drain_delay_seconds)
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(self.options.grace_seconds)
         await self.models.unload_all()
         self._http.stop()
 
     def ready_banner(self) -> str:
+        paths = "/metrics, /v2/health/ready" if self.options.allow_metrics else "/v2/health/ready"
         lines = [
             f"sluice {sluice.__version__} ready: grpc {self.options.host}:{self.grpc_port}, "
-            f"http {self.options.host}:{self.http_port} (/metrics, /v2/health/ready)",
+            f"http {self.options.host}:{self.http_port} ({paths})",
             f"model repository: {self.options.model_repository}",
         ]
         for name, model in sorted(self.models.models.items()):

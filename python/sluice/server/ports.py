@@ -37,6 +37,10 @@ def ensure_free(host: str, port: int, what: str, flag: str) -> None:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: connections of a server that just stopped, left in
+        # TIME_WAIT, must not block its restart (a rolling restart); a listener
+        # still makes the bind fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -369,11 +369,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Triton's security flags and sluice's request bounds, for `sluice serve`."""
     g = parser.add_argument_group("security and limits")
     for proto in ("grpc", "http"):
-        g.add_argument(f"--{proto}-use-ssl", choices=("true", "false"), default="false")
-        g.add_argument(f"--{proto}-server-cert", type=Path, metavar="PEM")
-        g.add_argument(f"--{proto}-server-key", type=Path, metavar="PEM")
-        g.add_argument(f"--{proto}-root-cert", type=Path, metavar="PEM", help="CA for mTLS")
-        g.add_argument(f"--{proto}-use-ssl-mutual", choices=("true", "false"), default="false")
+        port = "gRPC" if proto == "grpc" else "HTTP"
+        g.add_argument(
+            f"--{proto}-use-ssl",
+            choices=("true", "false"),
+            default="false",
+            help=f"serve the {port} port over TLS",
+        )
+        g.add_argument(
+            f"--{proto}-server-cert",
+            type=Path,
+            metavar="PEM",
+            help=f"the {port} port's certificate chain (reloaded when the file changes)",
+        )
+        g.add_argument(f"--{proto}-server-key", type=Path, metavar="PEM", help="its private key")
+        g.add_argument(
+            f"--{proto}-root-cert",
+            type=Path,
+            metavar="PEM",
+            help="the CA that client certificates must chain to (mutual TLS)",
+        )
+        g.add_argument(
+            f"--{proto}-use-ssl-mutual",
+            choices=("true", "false"),
+            default="false",
+            help="require a client certificate (mutual TLS)",
+        )
     g.add_argument(
         "--grpc-restricted-protocol",
         action="append",
@@ -388,7 +409,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GROUPS:HEADER=VALUE",
         help=f"as --grpc-restricted-protocol for the HTTP port ({', '.join(HTTP_GROUPS)})",
     )
-    g.add_argument("--reflection", choices=("true", "false"), default="true")
+    g.add_argument(
+        "--reflection",
+        choices=("true", "false"),
+        default="true",
+        help="serve gRPC server reflection (grpcurl list/describe)",
+    )
     g.add_argument(
         "--max-request-bytes",
         type=int,
@@ -408,7 +434,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests of one model version in flight before RESOURCE_EXHAUSTED; 0 = no limit",
     )
     g.add_argument("--http-timeout-secs", type=float, default=30.0, help="idle HTTP connection")
-    g.add_argument("--http-max-connections", type=int, default=64)
+    g.add_argument(
+        "--http-max-connections",
+        type=int,
+        default=64,
+        help="HTTP connections served at once; more are answered 503",
+    )
 
 
 def _tls_from_args(args: argparse.Namespace, proto: str) -> TlsOptions | None:

@@ -1,4 +1,4 @@
-"""`sluice models ...`: the model registry's command line. The work is done by
+"""The `sluice models` commands (parsers: sluice.cli.models). The work is done by
 sluice.repository.registry; this module parses KEY=VALUE options, renders
 tables and text, and maps errors to exit codes (0 ok, 1 failed, 2 bad usage)."""
 
@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sluice.cli import common
 from sluice.repository import registry
 
 _SHA_PREFIX = 12
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         if command in _WRITES and not args.model_repository:
             # Never write into the installed package's bundled examples by default.
             raise registry.UsageError(f"{command} needs --model-repository DIR")
-        repository = Path(args.model_repository) if args.model_repository else registry.EXAMPLES
+        repository = common.repository(args)
         if not repository.is_dir():
             raise registry.UsageError(f"model repository {repository} is not a directory")
         return _COMMANDS[command](repository, args)
@@ -93,19 +94,9 @@ def _publish(repository: Path, args: argparse.Namespace) -> int:
     if args.profile:
         # The version is already visible; a polling server that loaded it first
         # reloads it once the profile's manifest lands (it is in the fingerprint).
-        from sluice import drift_cli
+        from sluice.cli.drift import profile_version
 
-        code = drift_cli.profile(
-            argparse.Namespace(
-                model=args.model,
-                version=result.version,
-                data=args.profile,
-                model_repository=str(repository),
-                categorical=[],
-                bins=10,
-                sketch_points=1000,
-            )
-        )
+        code = profile_version(repository, args.model, result.version, Path(args.profile))
         if code != 0:
             return code
     if args.json:

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sluice import config as cfg
-from sluice import datatypes
+from sluice import datatypes, defaults
+from sluice.cli import common
 from sluice.errors import SluiceError
 from sluice.monitoring import drift, drift_stats
 from sluice.proto import model_config_pb2 as mc
@@ -31,7 +33,7 @@ class DriftCliError(Exception):
 
 
 def _numpy_type(t: Any) -> np.dtype[Any]:
-    dt = datatypes.BY_CONFIG[mc.DataType.Name(t.data_type)].numpy
+    dt = datatypes.by_config_enum(t.data_type).numpy
     assert dt is not None
     return dt
 
@@ -149,18 +151,30 @@ def _key(tp: drift.TensorProfile) -> str:
     return ("output:" if tp.output else "") + tp.name
 
 
-def profile(args: argparse.Namespace) -> int:
-    from sluice.server.app import EXAMPLES
+DEFAULT_BINS = 10
+DEFAULT_SKETCH_POINTS = 1000
 
-    repository = Path(args.model_repository) if args.model_repository else EXAMPLES
+
+def profile_version(
+    repository: Path,
+    model: str,
+    version: int,
+    data: Path,
+    categorical: Sequence[str] = (),
+    bins: int = DEFAULT_BINS,
+    sketch_points: int = DEFAULT_SKETCH_POINTS,
+) -> int:
+    """Writes the drift profile of one version and prints what it wrote; returns
+    the exit code (1 with the reason on stderr). Used by `sluice profile` and
+    `sluice models publish --profile`."""
     try:
         tensors, arrays, version_dir, n = _model_tensors(
-            repository, args.model, args.version, Path(args.data), args.categorical
+            repository, model, version, data, list(categorical)
         )
         for tp in tensors:
             matrix = drift.as_matrix(arrays[_key(tp)])
             tp.profile = drift_stats.build_profile(
-                matrix, tp.kinds, tp.features, args.bins, args.sketch_points
+                matrix, tp.kinds, tp.features, bins, sketch_points
             )
         drift.save(version_dir, tensors, n)
     except (DriftCliError, drift.ProfileError, SluiceError, OSError, ValueError) as exc:
@@ -177,6 +191,18 @@ def profile(args: argparse.Namespace) -> int:
         )
     print(f"{version_dir / drift.MANIFEST_FILENAME}")
     return 0
+
+
+def profile_command(args: argparse.Namespace) -> int:
+    return profile_version(
+        Path(args.model_repository),
+        args.model,
+        args.version,
+        Path(args.data),
+        args.categorical,
+        args.bins,
+        args.sketch_points,
+    )
 
 
 # ---- sluice drift ----------------------------------------------------------------
@@ -232,6 +258,18 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _bin_labels(f: Mapping[str, Any]) -> list[str]:
+    """Short, whole tick labels: the value range of each numeric bin (3 significant
+    digits), or the category codes."""
+    if f["kind"] != "numeric":
+        return [str(c) for c in f.get("codes") or []] + ["unseen"]
+    edges = [f"{e:.3g}" for e in f.get("edges") or []]
+    if not edges:
+        return ["all"]
+    inner = [f"{a}..{b}" for a, b in itertools.pairwise(edges)]
+    return [f"<{edges[0]}", *inner, f"≥{edges[-1]}"]
+
+
 def plot_report(report: Mapping[str, Any], path: Path, top: int = 6) -> None:
     """Reference vs live histograms (proportions per coarse bin) of the most
     drifted features (largest PSI)."""
@@ -260,21 +298,18 @@ def plot_report(report: Mapping[str, Any], path: Path, top: int = 6) -> None:
         cur = np.asarray(f["window_counts"], dtype=float)
         k = min(len(ref), len(cur))
         ref, cur = ref[:k] / max(ref.sum(), 1), cur[:k] / max(cur.sum(), 1)
-        if f["kind"] == "numeric":
-            edges = f.get("edges") or []
-            labels = ["<" + _fmt(edges[0])] if edges else ["all"]
-            labels += [f"{_fmt(a)}.." for a in edges[:-1]] if len(edges) > 1 else []
-            labels += ([">=" + _fmt(edges[-1])] if edges else [])[: k - len(labels)]
-        else:
-            labels = [str(c) for c in f.get("codes") or []] + ["unseen"]
-        labels = (labels + [""] * k)[:k]
+        labels = (_bin_labels(f) + [""] * k)[:k]
         x = np.arange(k)
         ax.bar(x - 0.2, ref, width=0.4, label="reference")
         ax.bar(x + 0.2, cur, width=0.4, label="live")
-        ax.set_xticks(x, labels, rotation=45, fontsize=7)
+        ax.set_xticks(x, labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+        ax.set_ylabel("share of rows", fontsize=8)
+        ax.set_xlabel("bin" if f["kind"] == "numeric" else "category", fontsize=8)
         ax.set_title(f"{f['name']}  psi {_fmt(f['psi'])}  {f['verdict']}", fontsize=9)
         if i == 0:
             ax.legend(fontsize=7)
+    version = report.get("version") or "(server's choice)"
+    fig.suptitle(f"sluice drift: {report.get('model', '')} version {version}, reference vs live")
     fig.tight_layout()
     fig.savefig(str(path))
 
@@ -304,10 +339,11 @@ def drift_command(args: argparse.Namespace) -> int:
 def _remote_report(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
+    from sluice import client
     from sluice.proto import sluice_service_pb2 as spb
     from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    with client.channel(args.url) as channel:
         stub = spb_grpc.SluiceServiceStub(channel)
         try:
             reply = stub.DriftReport(
@@ -329,7 +365,7 @@ def report_dict(reply: Any) -> dict[str, Any]:
         "window_seconds": reply.window_seconds,
         "inputs": _tensor_dict(reply.inputs) if reply.HasField("inputs") else None,
         "outputs": _tensor_dict(reply.outputs) if reply.HasField("outputs") else None,
-        "quality": _quality_dict(reply.quality) if reply.HasField("quality") else None,
+        "quality": quality_dict(reply.quality) if reply.HasField("quality") else None,
         "schema_skew": [
             {"input": s.input, "kind": s.kind, "count": s.count} for s in reply.schema_skew
         ],
@@ -362,7 +398,7 @@ def _tensor_dict(t: Any) -> dict[str, Any]:
     }
 
 
-def _quality_dict(q: Any) -> dict[str, Any]:
+def quality_dict(q: Any) -> dict[str, Any]:
     return {
         "available": q.available,
         "task": q.task,
@@ -375,11 +411,9 @@ def _quality_dict(q: Any) -> dict[str, Any]:
 
 
 def _offline_report(args: argparse.Namespace) -> dict[str, Any]:
-    from sluice.server.app import EXAMPLES
-
     if not args.data:
         raise DriftCliError("without --url, give --data FILE to compare with the stored profile")
-    repository = Path(args.model_repository) if args.model_repository else EXAMPLES
+    repository = common.repository(args)
     version = args.version
     if not version:
         from sluice.repository.policy import version_dirs
@@ -407,7 +441,7 @@ def _offline_report(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def add_parsers(sub: Any) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser(
         "profile",
         help="store the reference (training) profile of a version's inputs and predictions",
@@ -418,8 +452,8 @@ def add_parsers(sub: Any) -> None:
         "drift_profile.json into <repository>/MODEL/VERSION; a serving version with "
         "them gets drift monitoring at its next load.",
     )
-    p.add_argument("model")
-    p.add_argument("version", type=int)
+    p.add_argument("model", help="model name (its folder in the repository)")
+    p.add_argument("version", type=int, help="the version to profile")
     p.add_argument(
         "--data",
         required=True,
@@ -427,7 +461,7 @@ def add_parsers(sub: Any) -> None:
         help=".npy or .csv (rows x features, one-input models; a non-numeric first CSV "
         "line is a header) or .npz (one array per input name)",
     )
-    p.add_argument("--model-repository", help="repository folder (default: bundled examples)")
+    common.add_repository_argument(p, writes=True)
     p.add_argument(
         "--categorical",
         action="append",
@@ -436,9 +470,14 @@ def add_parsers(sub: Any) -> None:
         help="a categorical input feature: INPUT[i], or f<i> for column i of the first "
         'input (also: config parameter drift_categorical="f3,f7"); repeatable',
     )
-    p.add_argument("--bins", type=int, default=10, help="coarse bins per numeric feature")
-    p.add_argument("--sketch-points", type=int, default=1000, help="fine grid for KS/Wasserstein")
-    p.set_defaults(func=profile)
+    p.add_argument("--bins", type=int, default=DEFAULT_BINS, help="coarse bins per numeric feature")
+    p.add_argument(
+        "--sketch-points",
+        type=int,
+        default=DEFAULT_SKETCH_POINTS,
+        help="fine grid for KS/Wasserstein",
+    )
+    p.set_defaults(func=profile_command)
 
     d = sub.add_parser(
         "drift",
@@ -447,14 +486,27 @@ def add_parsers(sub: Any) -> None:
         "current window. Otherwise compares --data FILE with the version's stored "
         "profile (no server).",
     )
-    d.add_argument("model")
-    d.add_argument("--version", type=int, default=0, help="default: latest (offline) / server's")
-    d.add_argument("--url", help="gRPC host:port of a running sluice")
-    d.add_argument("--model-repository", help="offline: repository folder")
+    d.add_argument("model", help="model name")
+    d.add_argument(
+        "--version",
+        type=int,
+        default=0,
+        help="0: the latest version (offline) or the server's choice (--url)",
+    )
+    d.add_argument("--url", metavar="HOST:PORT", help="ask the running server at this gRPC address")
+    d.add_argument(
+        "--model-repository", metavar="DIR", help="offline: " + common.REPOSITORY_READ_HELP
+    )
     d.add_argument("--data", help="offline: the data to compare (.npy, .npz, .csv)")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.add_argument(
         "--plot", metavar="FILE.png", help="reference vs live histograms (needs matplotlib)"
     )
-    d.add_argument("--timeout", type=float, default=30.0)
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.CLIENT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="--url: deadline of the DriftReport call",
+    )
     d.set_defaults(func=drift_command)

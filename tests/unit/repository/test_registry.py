@@ -628,6 +628,34 @@ def test_promote_refusals(capsys: pytest.CaptureFixture[str], three_versions: pa
     assert "labels.json" in err
 
 
+def test_promote_refuses_a_version_the_server_would_not_load(
+    capsys: pytest.CaptureFixture[str], three_versions: pathlib.Path, model_b: pathlib.Path
+) -> None:
+    repo = three_versions
+    (repo / "demo" / "4").mkdir()
+    (repo / "demo" / "4" / "model.onnx").write_bytes(b"not an onnx file")
+    canary = ("--label", "canary", "--weight", "0.1")
+    code, _, err = run(capsys, repo, "promote", "demo", "4", *canary)
+    assert code == 1
+    assert "refusing to label version 4 canary: the server would not load it" in err
+    assert not (repo / "demo" / "labels.json").exists()
+    # A file that loads but contradicts the model's config does not serve either.
+    (repo / "demo" / "config.pbtxt").write_text(
+        'name: "demo"\nmax_batch_size: 4\ninput [\n'
+        '  { name: "x" data_type: TYPE_FP32 dims: [ 4 ] },\n'
+        '  { name: "s" data_type: TYPE_FP32 dims: [ 4 ] }\n]\n'
+    )
+    (repo / "demo" / "5").mkdir()
+    shutil.copy(model_b, repo / "demo" / "5" / "model.onnx")
+    code, _, err = run(capsys, repo, "promote", "demo", "5", "--label", "shadow", "--sample", "1")
+    assert code == 1
+    assert "refusing to label version 5 shadow" in err
+    assert not (repo / "demo" / "labels.json").exists()
+    code, out, err = run(capsys, repo, "promote", "demo", "2", *canary)
+    assert code == 0, err
+    assert "canary 2 (10%)" in out
+
+
 def test_rollback_to_a_deleted_version_is_refused(
     capsys: pytest.CaptureFixture[str], three_versions: pathlib.Path
 ) -> None:

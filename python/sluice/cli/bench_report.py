@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from sluice.bench import BenchError, BenchReport, windows
+from sluice.cli.loadgen import BenchError, BenchReport, windows
 
+# Throughput has a colour of its own: none of the latency lines' colours.
+_COLOURS = {"p50": "tab:blue", "p90": "tab:orange", "p99": "tab:red", "throughput": "tab:green"}
 PLOT_MISSING = '--plot needs matplotlib: pip install "sluice-serve[plot]"'
 
 
@@ -40,13 +42,15 @@ def format_table(s: dict[str, Any]) -> str:
         f"requests      {s['requests']:,} in {s['elapsed_s']:.2f} s ({s['successes']:,} ok)",
         f"errors        {errors['total']}" + (f" ({by_code})" if by_code else ""),
         *(f"  {code}: {msg}" for code, msg in errors["examples"].items()),
-        f"throughput    {_num(tput['infer_per_s'], 1)} infer/s, "
-        f"{_num(tput['rows_per_s'], 1)} rows/s",
+        f"throughput    {_num(tput['requests_per_s'], 1)} requests/s, "
+        f"{_num(tput['rows_per_s'], 1)} rows/s (inferences/s)",
         f"latency (ms)  p50 {_num(lat['p50'])}  p90 {_num(lat['p90'])}  "
         f"p99 {_num(lat['p99'])}  max {_num(lat['max'])}",
     ]
     srv = s["server"]
-    if srv["requests"]:
+    if srv["requests"] is None:
+        lines.append(f"server        - ({srv['note']})")
+    elif srv["requests"]:
         avg = srv["avg_us"]
         lines += [
             f"server        {srv['requests']:,} requests (ModelStatistics delta), "
@@ -64,12 +68,15 @@ def format_table(s: dict[str, Any]) -> str:
     if per_1k is None:
         lines.append(f"cost          - ({cost['note']})")
     else:
+        derived = " (derived from --url)" if s.get("metrics_url_derived") else ""
         lines.append(
             f"cost          ${per_1k:.3g} per 1000 inferences (${cost['usd']:.3g} "
-            f"for {cost['inferences']:,.0f} inferences, from {s['metrics_url']})"
+            f"for {cost['inferences']:,.0f} inferences, from {s['metrics_url']}{derived})"
         )
         if cost["note"]:
             lines.append(f"  {cost['note']}")
+    if s.get("missing"):
+        lines += ["", "missing from this report:", *(f"  {m}" for m in s["missing"])]
     return "\n".join(lines)
 
 
@@ -105,17 +112,20 @@ def plot(report: BenchReport, path: Path) -> None:
     top, bottom = fig.subplots(2, 1, sharex=True)
     columns = np.asarray(pct).reshape(-1, 3)
     for i, label in enumerate(("p50", "p90", "p99")):
-        top.plot(mids, columns[:, i], marker="o", markersize=3, label=label)
+        top.plot(mids, columns[:, i], marker="o", markersize=3, label=label, color=_COLOURS[label])
     top.set_ylabel("latency (ms)")
     top.set_ylim(bottom=0)
-    top.legend(loc="upper right")
+    # Outside the axes, so it never hides the lines it names.
+    top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     top.grid(alpha=0.3)
-    bottom.plot(mids, rate, marker="o", markersize=3, color="tab:green")
-    bottom.set_ylabel("throughput (infer/s)")
+    bottom.plot(mids, rate, marker="o", markersize=3, color=_COLOURS["throughput"])
+    bottom.set_ylabel("throughput (requests/s)")
     bottom.set_xlabel("time since start (s), 1 s windows")
     bottom.set_ylim(bottom=0)
     bottom.grid(alpha=0.3)
+    version = s["model_version"] or "(server's choice)"
     fig.suptitle(
-        f"sluice bench {s['model']}: concurrency {s['concurrency']}, batch size {s['batch_size']}"
+        f"sluice bench {s['model']} version {version}: concurrency {s['concurrency']}, "
+        f"batch size {s['batch_size']}"
     )
     fig.savefig(path, dpi=100)

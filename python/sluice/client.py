@@ -1,7 +1,11 @@
-"""A small synchronous KServe v2 gRPC client for the CLI (`sluice infer`)."""
+"""The client side of sluice: the one place a client opens a channel to a
+server (every command that talks to one goes through channel()/aio_channel(),
+so transport security is added here once), and a small synchronous KServe v2
+client for `sluice infer`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -10,7 +14,21 @@ import numpy as np
 from sluice import _core, datatypes
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
-from sluice.server.security import ClientTls, make_channel
+from sluice.server.security import ClientTls, make_aio_channel, make_channel
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def channel(url: str, options: ChannelOptions = (), tls: ClientTls | None = None) -> grpc.Channel:
+    """A blocking channel to the server at host:port (TLS/mTLS with `tls`)."""
+    return make_channel(url, tls, list(options))
+
+
+def aio_channel(
+    url: str, options: ChannelOptions = (), tls: ClientTls | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to the server at host:port (TLS/mTLS with `tls`)."""
+    return make_aio_channel(url, tls, list(options))
 
 
 class ClientError(Exception):
@@ -22,7 +40,7 @@ class ClientError(Exception):
 
 class InferenceClient:
     def __init__(self, url: str, timeout_s: float = 30.0, tls: ClientTls | None = None) -> None:
-        self._channel = make_channel(url, tls)
+        self._channel = channel(url, tls=tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout = timeout_s
 

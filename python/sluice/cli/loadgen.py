@@ -1,4 +1,4 @@
-"""`sluice bench`: a closed-loop load generator for one model over KServe v2 gRPC.
+"""The load generator behind `sluice bench`: closed-loop load on one model over KServe v2 gRPC.
 
 `concurrency` workers each keep one request in flight (send, await the answer,
 send again) on one grpc.aio channel. The request is built once, up front, so the
@@ -18,7 +18,6 @@ import collections
 import contextlib
 import dataclasses
 import signal
-import string
 import sys
 import time
 import urllib.error
@@ -30,7 +29,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from sluice import _core, datatypes
+from sluice import _core, client, datatypes, defaults
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -40,7 +39,6 @@ _NS_PER_S = 1_000_000_000
 _PROGRESS_REFRESH_S = 0.25
 _METRICS_TIMEOUT_S = 5.0
 _CONTROL_TIMEOUT_S = 10.0  # metadata, config, statistics: --timeout is for inferences
-_STRING_ALPHABET = np.array(list(string.ascii_lowercase))
 
 
 class BenchError(Exception):
@@ -50,7 +48,7 @@ class BenchError(Exception):
 @dataclasses.dataclass(frozen=True)
 class BenchOptions:
     model: str
-    url: str = "127.0.0.1:8001"
+    url: str = defaults.LOCAL_URL
     version: str = ""
     concurrency: int = 8
     duration_s: float | None = None  # neither this nor `requests`: DEFAULT_DURATION_S
@@ -59,8 +57,8 @@ class BenchOptions:
     inputs: Mapping[str, np.ndarray[Any, Any]] = dataclasses.field(default_factory=dict)
     shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     warmup_requests: int = 20
-    metrics_url: str | None = None  # None: http://<grpc host>:8002/metrics
-    timeout_s: float = 30.0  # per request
+    metrics_url: str | None = None  # None: derived from `url` (defaults.metrics_url_for)
+    timeout_s: float = defaults.CLIENT_TIMEOUT_S  # per request
     progress: bool = True
 
     def validate(self) -> None:
@@ -81,9 +79,7 @@ class BenchOptions:
     def effective_metrics_url(self) -> str:
         if self.metrics_url is not None:
             return self.metrics_url
-        target = self.url.split("///")[-1]  # tolerate grpc's "dns:///host:port"
-        host = target.rpartition(":")[0] if ":" in target else target
-        return f"http://{host or '127.0.0.1'}:8002/metrics"
+        return defaults.metrics_url_for(self.url)
 
 
 # ---- the request ----------------------------------------------------------------
@@ -98,18 +94,8 @@ class Workload:
 
 def _synthetic(dt: datatypes.DataType, shape: list[int], rng: np.random.Generator) -> Any:
     """Random data of one wire datatype: a numpy array, or a list of bytes for BYTES."""
-    count = int(np.prod(shape, dtype=np.int64))
-    if dt.is_bytes:
-        # Short random lowercase words: valid UTF-8, so text models accept them too.
-        letters = rng.choice(_STRING_ALPHABET, size=(count, 8))
-        return ["".join(row).encode() for row in letters]
-    assert dt.numpy is not None
-    if dt.wire in ("FP16", "FP32", "FP64", "BF16"):
-        return rng.standard_normal(shape).astype(dt.numpy)
-    if dt.wire == "BOOL":
-        return rng.integers(0, 2, size=shape).astype(np.bool_)
-    # Small non-negative ints: valid for unsigned types and as indices/token ids.
-    return rng.integers(0, 10, size=shape).astype(dt.numpy)
+    arr = datatypes.generated(dt, shape, rng)
+    return [str(v).encode() for v in arr.reshape(-1).tolist()] if dt.is_bytes else arr
 
 
 def _from_file(name: str, dt: datatypes.DataType, arr: np.ndarray[Any, Any]) -> Any:
@@ -251,7 +237,7 @@ class _ClosedLoop:
 
 
 def _window_stats(load: _ClosedLoop, window_ns: int) -> tuple[float, float, float]:
-    """(infer/s, p50 ms, p99 ms) over the last `window_ns` of completions."""
+    """(requests/s, p50 ms, p99 ms) over the last `window_ns` of completions."""
     r = load.result
     now_ns = time.perf_counter_ns() - load.start_ns
     first = bisect.bisect_left(r.done_ns, now_ns - window_ns)  # done_ns only grows
@@ -283,7 +269,7 @@ async def _show_progress(
             rate, p50, p99 = _window_stats(load, _NS_PER_S)
             errors = sum(load.result.errors.values())
             bar.set_postfix_str(
-                f"last 1 s: {rate:,.0f} infer/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+                f"last 1 s: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms"
                 + (f"; {errors} errors" if errors else ""),
                 refresh=False,
             )
@@ -397,12 +383,31 @@ def scrape_cost(url: str, model: str, version: str) -> CostCounters:
     return CostCounters(totals["sluice_inference_cost_usd_total"], totals["nv_inference_count"])
 
 
-def cost_delta(before: CostCounters, after: CostCounters) -> dict[str, Any]:
+# The /metrics page and ModelStatistics are read a few ms apart; traffic in between
+# from other clients may make their counts differ by this share, and no more.
+COUNT_TOLERANCE = 0.05
+
+
+def cost_delta(
+    before: CostCounters, after: CostCounters, server_inferences: int | None = None
+) -> dict[str, Any]:
+    """Cost per 1000 inferences over the run. `server_inferences` (the gRPC
+    server's ModelStatistics delta) guards against a /metrics page of another
+    server: a page whose count disagrees gives no cost, and says why."""
     usd = after.usd - before.usd
     inferences = after.inferences - before.inferences
     per_1k = 1000 * usd / inferences if inferences > 0 else None
     note = None
-    if per_1k is None:
+    if server_inferences is not None and abs(inferences - server_inferences) > max(
+        1.0, COUNT_TOLERANCE * server_inferences
+    ):
+        per_1k = None
+        note = (
+            f"left out: this page counted {inferences:,.0f} inferences during the run, the "
+            f"gRPC server {server_inferences:,}; it is not the same server's "
+            "page (check --metrics-url)"
+        )
+    elif per_1k is None:
         note = "no inferences counted in /metrics during the run"
     elif usd == 0:
         note = "0: the server prices its machine at $0 (start it with --cost-per-hour)"
@@ -462,7 +467,7 @@ async def run_async(options: BenchOptions) -> BenchReport:
         ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", -1),
     ]
-    async with grpc.aio.insecure_channel(options.url, options=channel_options) as channel:
+    async with client.aio_channel(options.url, channel_options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         where = f"model {options.model!r} at {options.url}"
         meta = await _call(
@@ -490,15 +495,31 @@ async def run_async(options: BenchOptions) -> BenchReport:
         stats_before = await _call(stub, "ModelStatistics", stats_request, "statistics")
         cost_before = await _try_scrape(metrics_url, options.model, options.version)
         load = await _run_load(stub, workload, options, requests, duration_s, True)
-        stats_after = await _call(stub, "ModelStatistics", stats_request, "statistics")
+        # The server may have stopped during the run: what the client measured
+        # is still reported, and what could not be read afterwards is named.
+        stats_after: pb.ModelStatisticsResponse | str
+        try:
+            stats_after = await _call(stub, "ModelStatistics", stats_request, "statistics")
+        except BenchError as exc:
+            stats_after = f"statistics after the run unavailable ({exc})"
         cost_after = await _try_scrape(metrics_url, options.model, options.version)
 
+    missing: list[str] = []
     elapsed_s = load.elapsed_ns / _NS_PER_S
+    server: dict[str, Any]
+    if isinstance(stats_after, str):
+        server = {"requests": None, "note": stats_after}
+        missing.append("server: " + stats_after)
+    else:
+        server = server_delta(ServerCounters.of(stats_before), ServerCounters.of(stats_after))
     if isinstance(cost_before, str) or isinstance(cost_after, str):
         note = cost_before if isinstance(cost_before, str) else cost_after
+        assert isinstance(note, str)
         cost: dict[str, Any] = {"usd_per_1000_inferences": None, "note": note}
     else:
-        cost = cost_delta(cost_before, cost_after)
+        cost = cost_delta(cost_before, cost_after, server.get("inferences"))
+    if cost["usd_per_1000_inferences"] is None:
+        missing.append(f"cost: {cost['note']}")
     summary: dict[str, Any] = {
         "model": options.model,
         "model_version": load.served_version or warm.served_version or options.version,
@@ -518,13 +539,15 @@ async def run_async(options: BenchOptions) -> BenchReport:
         },
         "elapsed_s": elapsed_s,
         "throughput": {
-            "infer_per_s": load.successes / elapsed_s if elapsed_s else 0.0,
+            "requests_per_s": load.successes / elapsed_s if elapsed_s else 0.0,
             "rows_per_s": load.successes * workload.rows / elapsed_s if elapsed_s else 0.0,
         },
         "latency_ms": percentiles_ms(load.latency_ns),
-        "server": server_delta(ServerCounters.of(stats_before), ServerCounters.of(stats_after)),
+        "server": server,
         "cost": cost,
         "metrics_url": metrics_url,
+        "metrics_url_derived": options.metrics_url is None,
+        "missing": missing,
     }
     return BenchReport(summary, load)
 
