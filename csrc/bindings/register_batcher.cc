@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -25,6 +26,18 @@ namespace {
 using ExpiredTuple = std::tuple<uint64_t, std::string, std::string>;
 using NextResult = std::optional<std::pair<std::optional<Batch>, std::vector<ExpiredTuple>>>;
 
+// `value` as an int64 in [low, high]; ValueError naming `name` otherwise.
+int64_t CheckedInt(const py::int_& value, const char* name, int64_t low, int64_t high) {
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow != 0 || v < low || v > high) {
+    throw py::value_error(std::string(name) + " must be in [" + std::to_string(low) + ", " +
+                          std::to_string(high) + "], got " + py::str(value).cast<std::string>());
+  }
+  return static_cast<int64_t>(v);
+}
+
 // Owns the clock it runs on: the steady clock, or a ManualClock shared with Python.
 class PyBatcher {
  public:
@@ -33,14 +46,17 @@ class PyBatcher {
         batcher_(std::move(options), manual_ ? static_cast<const Clock&>(*manual_)
                                              : SteadyClock::Instance()) {}
 
-  void Enqueue(uint64_t id, int32_t rows, uint64_t shape_key, uint32_t priority,
-               int64_t timeout_ns, bool force_timeout) {
+  // priority and timeout_ns come from clients: taken as Python ints and range
+  // checked here, so a value out of range is a ValueError naming it (pybind11's
+  // own conversion would raise a TypeError quoting the signature).
+  void Enqueue(uint64_t id, int32_t rows, uint64_t shape_key, const py::int_& priority,
+               const py::int_& timeout_ns, bool force_timeout) {
     EnqueueArgs args;
     args.id = id;
     args.rows = rows;
     args.shape_key = shape_key;
-    args.priority = priority;
-    args.timeout_ns = timeout_ns;
+    args.priority = static_cast<uint32_t>(CheckedInt(priority, "priority", 0, UINT32_MAX));
+    args.timeout_ns = CheckedInt(timeout_ns, "timeout_ns", 0, INT64_MAX);
     args.force_timeout = force_timeout;
     ThrowIfError(batcher_.Enqueue(args));
   }

@@ -14,18 +14,21 @@ import numpy as np
 from sluice import _core, datatypes
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
+from sluice.server.security import ClientTls, make_aio_channel, make_channel
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
-def channel(url: str, options: ChannelOptions = ()) -> grpc.Channel:
-    """A blocking channel to the server at host:port."""
-    return grpc.insecure_channel(url, options=list(options))
+def channel(url: str, options: ChannelOptions = (), tls: ClientTls | None = None) -> grpc.Channel:
+    """A blocking channel to the server at host:port (TLS/mTLS with `tls`)."""
+    return make_channel(url, tls, list(options))
 
 
-def aio_channel(url: str, options: ChannelOptions = ()) -> grpc.aio.Channel:
-    """An asyncio channel to the server at host:port."""
-    return grpc.aio.insecure_channel(url, options=list(options))
+def aio_channel(
+    url: str, options: ChannelOptions = (), tls: ClientTls | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to the server at host:port (TLS/mTLS with `tls`)."""
+    return make_aio_channel(url, tls, list(options))
 
 
 class ClientError(Exception):
@@ -36,8 +39,8 @@ class ClientError(Exception):
 
 
 class InferenceClient:
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
-        self._channel = channel(url)
+    def __init__(self, url: str, timeout_s: float = 30.0, tls: ClientTls | None = None) -> None:
+        self._channel = channel(url, tls=tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout = timeout_s
 

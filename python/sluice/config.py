@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -103,16 +104,132 @@ def validate_static(config: mc.ModelConfig, model_name: str) -> None:
     for group in config.instance_group:
         if group.count < 0:
             raise ModelLoadError(f"model '{model_name}': instance_group count must be >= 0")
+    problem = bounds_problem(config)
+    if problem is not None:
+        raise ModelLoadError(f"model '{model_name}': {problem}")
+
+
+# Sane bounds on config values: each value sizes something the server allocates
+# (queues per priority level, sessions per instance, warm-up tensors), and a
+# config override comes from a client. Far above real use, far below harm.
+MAX_BATCH_SIZE = 1 << 16
+MAX_PREFERRED_SIZES = 64
+MAX_QUEUE_DELAY_US = 60_000_000  # a minute
+MAX_PRIORITY_LEVELS = 1024
+MAX_QUEUE_SIZE = 1 << 20
+MAX_QUEUE_TIMEOUT_US = 86_400_000_000  # a day; its ns fit int64 with room
+MAX_INSTANCES = 64  # all instance groups together
+MAX_TENSORS = 1024  # declared inputs or outputs
+MAX_DIM = 1 << 31
+MAX_WARMUPS = 16
+MAX_WARMUP_COUNT = 1000
+MAX_WARMUP_ELEMENTS = 1 << 28  # per warm-up tensor
+MAX_THREADS = 1024
+THREAD_PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count")
+
+
+def _over(what: str, value: int, low: int, high: int) -> str | None:
+    if low <= value <= high:
+        return None
+    return f"{what} is {value}; it must be in [{low}, {high}]"
+
+
+def bounds_problem(config: mc.ModelConfig) -> str | None:
+    """Why a config value is out of its sane range, or None when all are in."""
+    checks: list[str | None] = [
+        _over("max_batch_size", config.max_batch_size, 0, MAX_BATCH_SIZE),
+        _over(
+            "the total instance_group count",
+            sum(g.count for g in config.instance_group),
+            0,
+            MAX_INSTANCES,
+        ),
+        _over("the number of inputs", len(config.input), 0, MAX_TENSORS),
+        _over("the number of outputs", len(config.output), 0, MAX_TENSORS),
+        _over("the number of model_warmup entries", len(config.model_warmup), 0, MAX_WARMUPS),
+    ]
+    tensors: list[mc.ModelInput | mc.ModelOutput] = [*config.input, *config.output]
+    for t in tensors:
+        dims = list(t.reshape.shape) if t.HasField("reshape") else []
+        for d in (*t.dims, *dims):
+            checks.append(_over(f"a dim of tensor '{t.name}'", d, -1, MAX_DIM))
+    if config.HasField("dynamic_batching"):
+        db = config.dynamic_batching
+        checks += [
+            _over(
+                "the number of preferred_batch_size values",
+                len(db.preferred_batch_size),
+                0,
+                MAX_PREFERRED_SIZES,
+            ),
+            _over(
+                "max_queue_delay_microseconds",
+                db.max_queue_delay_microseconds,
+                0,
+                MAX_QUEUE_DELAY_US,
+            ),
+            _over("priority_levels", db.priority_levels, 0, MAX_PRIORITY_LEVELS),
+            _over("default_priority_level", db.default_priority_level, 0, MAX_PRIORITY_LEVELS),
+        ]
+        policies = [("default_queue_policy", db.default_queue_policy)]
+        for level, policy in db.priority_queue_policy.items():
+            checks.append(_over("a priority_queue_policy level", level, 1, MAX_PRIORITY_LEVELS))
+            policies.append((f"priority_queue_policy[{level}]", policy))
+        for where, q in policies:
+            checks += [
+                _over(f"{where}.max_queue_size", max(0, q.max_queue_size), 0, MAX_QUEUE_SIZE),
+                _over(
+                    f"{where}.default_timeout_microseconds",
+                    q.default_timeout_microseconds,
+                    0,
+                    MAX_QUEUE_TIMEOUT_US,
+                ),
+            ]
+    for w in config.model_warmup:
+        checks += [
+            _over(f"model_warmup '{w.name}' count", w.count, 0, MAX_WARMUP_COUNT),
+            _over(
+                f"model_warmup '{w.name}' batch_size",
+                w.batch_size,
+                0,
+                max(1, config.max_batch_size),
+            ),
+        ]
+        for input_name, spec in w.inputs.items():
+            if any(d < 0 for d in spec.dims):
+                checks.append(f"model_warmup '{w.name}' input '{input_name}' has a negative dim")
+                continue
+            elements = math.prod(spec.dims) * max(1, w.batch_size)
+            checks.append(
+                _over(
+                    f"model_warmup '{w.name}' input '{input_name}' elements",
+                    elements,
+                    0,
+                    MAX_WARMUP_ELEMENTS,
+                )
+            )
+    for key in THREAD_PARAMETERS:
+        if key in config.parameters:
+            raw = config.parameters[key].string_value
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
+                checks.append(f"parameter {key} must be a whole number, not {raw[:40]!r}")
+            else:
+                checks.append(_over(f"parameter {key}", int(raw), 0, MAX_THREADS))
+    return next((c for c in checks if c is not None), None)
 
 
 def model_file(model_dir: Path, version: int, config: mc.ModelConfig) -> Path:
     """The ONNX file of a version; `model.onnx` may also be a folder holding
-    `model.onnx` next to its external-data files, as Triton allows."""
-    name = config.default_model_filename or DEFAULT_MODEL_FILENAME
-    path = model_dir / str(version) / name
-    if path.is_dir():
-        path = path / DEFAULT_MODEL_FILENAME
-    return path
+    `model.onnx` next to its external-data files, as Triton allows. Raises
+    ModelLoadError when the name leaves the model folder."""
+    # default_model_filename comes from the config, which a client can override
+    # (RepositoryModelLoad): the layout keeps it inside the model folder.
+    # Imported here: sluice.repository imports this module.
+    from sluice.repository import layout
+
+    return layout.model_file(
+        model_dir, version, config.default_model_filename, DEFAULT_MODEL_FILENAME
+    )
 
 
 def _batchable(signature: Signature) -> bool:

@@ -1,6 +1,7 @@
 """The REST server's bounds, driven over real sockets in-process: connections over
 the limit are answered 503, a body that does not arrive in time is answered 408,
-a request head that never completes is closed after the idle timeout."""
+a request head that never completes is closed after the idle timeout. On uvloop,
+as the server runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import uvloop
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.runtime import RuntimeOptions
 from sluice.server.rest import RestLimits, RestServer
@@ -24,7 +26,7 @@ def _run(limits: RestLimits, tmp_path: Path, body: Callable[[int], Awaitable[Non
         finally:
             await server.stop(1.0)
 
-    asyncio.run(main())
+    uvloop.run(main())  # the server's own loop (its transports are not asyncio's classes)
 
 
 async def _status_line(reader: asyncio.StreamReader) -> bytes:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sluice import defaults
 from sluice.cli.common import add_repository_argument, repository
+from sluice.server import security
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -19,6 +20,11 @@ def serve_command(args: argparse.Namespace) -> int:
     repo = repository(args)
     if not repo.is_dir():
         print(f"sluice: model repository {repo} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        secured = security.options_from_args(args)
+    except ValueError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
         return 2
     options = ServerOptions(
         model_repository=repo,
@@ -47,6 +53,7 @@ def serve_command(args: argparse.Namespace) -> int:
             gpus=args.gpus,
             cores=available_cores(),
         ),
+        **secured,
     )
     try:
         run(options)
@@ -176,4 +183,5 @@ def register(sub: Any) -> None:
         help="added per GPU (see --gpus)",
     )
     serve.add_argument("--gpus", type=int, default=0, help="GPUs priced by --cost-per-gpu-hour")
+    security.add_serve_arguments(serve)  # TLS, restricted APIs, request bounds (issue 15)
     serve.set_defaults(func=serve_command)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sluice import _core, datatypes
+from sluice import _core, datatypes, limits
 from sluice.errors import InvalidArgumentError, NotFoundError, SluiceError, UnavailableError
 from sluice.host.lifecycle import IndexEntry, ModelManager, ModelVersion
 from sluice.host.routing import Route
@@ -137,15 +137,8 @@ class FeedbackResult:
 
 
 def _int_param(request: InferRequest, key: str) -> int:
-    value = request.parameters.get(key)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgumentError(
-            f"parameter '{key}' of a request for model '{request.model_name}' must be a "
-            f"non-negative integer, got {value!r}"
-        )
-    return value
+    # Range-checked at the edge: the core's types cannot hold every int a client sends.
+    return limits.int_parameter(request.parameters, key, request.model_name)
 
 
 def _shape_key(feeds: Mapping[str, np.ndarray[Any, Any]]) -> int:
@@ -370,6 +363,7 @@ class DataPlane:
         received = request.received_ns or submitted
         mv.stats.inflight += 1
         try:
+            limits.current().check_inflight(mv.stats.inflight - 1, mv.name)
             feeds, rows = self._validate_inputs(mv, request)
             output_names = self._output_names(mv, request)
             scheduler = mv.scheduler

@@ -22,6 +22,7 @@ from sluice.host.routing import Route, Router
 from sluice.monitoring import InferStats
 from sluice.monitoring.drift import DriftMonitor, create_monitor
 from sluice.proto import model_config_pb2 as mc
+from sluice.repository import layout
 from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
 from sluice.repository.policy import version_dirs
@@ -180,6 +181,7 @@ class ModelManager:
     async def load(self, name: str, override: mc.ModelConfig | None = None) -> None:
         """Explicit load (or reload) of one model, optionally with a config override.
         Raises UnavailableError with the reason when no version of it is ready after."""
+        layout.check_name(name)  # a client's name is data, never a path
         if not await asyncio.to_thread((self.repository / name).is_dir):
             raise NotFoundError(f"no model folder '{name}' in {self.repository}")
         async with self._lock:
@@ -198,6 +200,7 @@ class ModelManager:
 
     async def unload(self, name: str) -> None:
         """Explicit unload: every version drains and is released."""
+        layout.check_name(name)
         async with self._lock:
             model = self.models.get(name)
             if model is None:
@@ -426,7 +429,7 @@ class ModelManager:
         """Changes the model's labels.json (under its lock) and applies it now,
         loading any newly labelled version. Raises NotFoundError for an unknown
         model, InvalidArgumentError for a labelled version with no folder."""
-        directory = self.repository / name
+        directory = layout.model_dir(self.repository, name)  # a client's name: never a path
         if not await asyncio.to_thread(directory.is_dir):
             raise NotFoundError(f"Request for unknown model: '{name}' is not found")
         available = set(await asyncio.to_thread(version_dirs, directory))

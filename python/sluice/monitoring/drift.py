@@ -210,6 +210,9 @@ def save(version_dir: Path, tensors: Sequence[TensorProfile], rows: int) -> None
 
 def load(version_dir: Path) -> list[TensorProfile] | None:
     """The stored profiles of a version, or None when it has none."""
+    # Imported here: sluice.repository imports this module.
+    from sluice.repository import layout as files
+
     path = version_dir / MANIFEST_FILENAME
     if not path.is_file():
         if (version_dir / INPUT_FILENAME).is_file():
@@ -217,14 +220,20 @@ def load(version_dir: Path) -> list[TensorProfile] | None:
                 f"{INPUT_FILENAME} without {MANIFEST_FILENAME}; rerun sluice profile"
             )
         return None
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+
+    def read(name: str, max_bytes: int) -> bytes:
+        # The manifest names the profile files: each stays inside the model folder.
+        where = files.inside(version_dir.parent, Path(version_dir.name) / name, "profile file")
+        return files.read_bounded(where, max_bytes, f"drift profile file {name!r}")
+
+    manifest = json.loads(read(MANIFEST_FILENAME, files.MAX_SMALL_FILE_BYTES).decode("utf-8"))
     tensors: list[TensorProfile] = []
     for key, output in (("inputs", False), ("outputs", True)):
         for entry in manifest.get(key, []):
             tp = TensorProfile(
                 entry["name"], output, entry["file"], list(entry["features"]), list(entry["kinds"])
             )
-            tp.profile = _core.DriftProfile.from_bytes((version_dir / tp.file).read_bytes())
+            tp.profile = _core.DriftProfile.from_bytes(read(tp.file, files.MAX_PROFILE_BYTES))
             if tp.profile.num_features != len(tp.features):
                 raise ProfileError(f"{tp.file}: feature count disagrees with {MANIFEST_FILENAME}")
             tensors.append(tp)

@@ -68,6 +68,9 @@ def read_aspired(
                 f"model '{name}' has no version folder that its version policy "
                 f"selects (found: {available or 'none'})"
             )
+        # A config (or a client's override) naming a file outside the model
+        # folder makes the model unavailable with the reason; nothing is opened.
+        model_files = {v: cfg.model_file(directory, v, config) for v in chosen}
     except (ModelLoadError, ValueError) as exc:  # ValueError: a malformed labels.json
         aspired.reason = exc.message if isinstance(exc, ModelLoadError) else str(exc)
         return aspired
@@ -75,7 +78,7 @@ def read_aspired(
     for v in chosen:
         aspired.versions[v] = _fingerprint(
             config_bytes,
-            cfg.model_file(directory, v, config),
+            model_files[v],
             directory / str(v) / DRIFT_MANIFEST,
         )
     return aspired

@@ -77,6 +77,7 @@ from sluice import __version__, datatypes
 from sluice import config as cfg
 from sluice.errors import ModelLoadError, SluiceError
 from sluice.proto import model_config_pb2 as mc
+from sluice.repository import layout
 from sluice.repository.policy import version_dirs
 from sluice.runtime.probe import probe_signature
 
@@ -284,9 +285,12 @@ def read_labels(model_dir: Path) -> Labels:
     ValueError) that names the file when it is malformed."""
     path = model_dir / LABELS_FILENAME
     try:
-        text = path.read_text(encoding="utf-8")
+        inside = layout.inside(model_dir, LABELS_FILENAME, "file")
+        text = layout.read_text_file(inside, f"{model_dir.name}/{LABELS_FILENAME}")
     except FileNotFoundError:
         return Labels()
+    except (ModelLoadError, UnicodeDecodeError) as exc:
+        raise LabelsError(f"{path}: {_reason(exc)}") from None
     try:
         return Labels.from_json(json.loads(text))
     except ValueError as exc:  # LabelsError, or JSON syntax
@@ -707,9 +711,14 @@ def _tensor_json(spec: cfg.TensorSpec) -> dict[str, Any]:
 
 
 def check_model_name(name: str) -> None:
-    """A model name is one folder name that the server does not skip."""
-    if not name or name.startswith(".") or "/" in name or os.sep in name:
-        raise UsageError(f"{name!r} is not a model name (one folder name, not starting with '.')")
+    """A model name is one folder name that the server does not skip (layout's rule)."""
+    problem = layout.name_problem(name)
+    if problem is not None:
+        raise UsageError(f"{name!r} is not a model name: {problem}")
+
+
+def _reason(exc: Exception) -> str:
+    return exc.message if isinstance(exc, SluiceError) else str(exc)
 
 
 def _check_string_map(values: Mapping[str, str], what: str) -> None:
@@ -908,11 +917,14 @@ def read_metadata(version_dir: Path) -> dict[str, Any] | None:
     """The version's metadata.json, or None in a plain Triton repository."""
     path = version_dir / METADATA_FILENAME
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        inside = layout.inside(
+            version_dir.parent, Path(version_dir.name) / METADATA_FILENAME, "file"
+        )
+        data = json.loads(layout.read_text_file(inside, METADATA_FILENAME))
     except FileNotFoundError:
         return None
-    except ValueError as exc:
-        raise RegistryError(f"{path}: {exc}") from None
+    except (ValueError, ModelLoadError) as exc:  # JSON syntax, UTF-8, a layout rule
+        raise RegistryError(f"{path}: {_reason(exc)}") from None
     if not isinstance(data, dict):
         raise RegistryError(f"{path}: want a JSON object")
     return data

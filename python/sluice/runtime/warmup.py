@@ -4,6 +4,8 @@ has it, else one generated request (batch 1, dynamic dims 1, zeros)."""
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import numpy as np
 from sluice import datatypes
 from sluice.errors import ModelLoadError
 from sluice.proto import model_config_pb2 as mc
+from sluice.repository import layout
 from sluice.runtime.session import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,27 @@ def _array(
         assert dt.numpy is not None
         return np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
     return datatypes.generated(dt, shape, rng, fill)
+
+
+# Warm-up data beyond this is refused: a warm-up request is one small batch.
+MAX_WARMUP_FILE_BYTES = 256 * 1024 * 1024
+
+
+def _warmup_file(
+    model_dir: Path, filename: str, dt: datatypes.DataType, shape: list[int], input_name: str
+) -> bytes:
+    """The bytes of `<model>/warmup/<filename>`: inside the model folder, a
+    regular file, exactly the declared tensor's size (fixed-size types). The
+    error never says whether a path outside the folder exists, nor its size."""
+    path = layout.inside(model_dir, Path("warmup") / filename, f"warm-up file of '{input_name}'")
+    what = f"warm-up file {filename!r} of input '{input_name}'"
+    expected = None
+    if not dt.is_bytes:
+        expected = math.prod(shape) * dt.itemsize
+    try:
+        return layout.read_bounded(path, MAX_WARMUP_FILE_BYTES, what, expected_bytes=expected)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{what} is not in the model's warmup folder") from None
 
 
 def _configured_requests(
@@ -40,7 +64,7 @@ def _configured_requests(
             which = spec.WhichOneof("input_data_type")
             raw = None
             if which == "input_data_file":
-                raw = (model_dir / "warmup" / spec.input_data_file).read_bytes()
+                raw = _warmup_file(model_dir, spec.input_data_file, dt, shape, name)
             feeds[name] = _array(
                 dt, shape, "random" if which == "random_data" else "zero", rng, raw
             )
@@ -59,11 +83,23 @@ def _generated_request(config: mc.ModelConfig) -> dict[str, np.ndarray[Any, Any]
     return feeds
 
 
-def warm_up(runtime: ModelRuntime, config: mc.ModelConfig, model_dir: Path) -> None:
-    """Runs warm-up requests on every instance. A configured warm-up that fails
-    fails the load (as in Triton); a generated one only logs, since a model may
-    legitimately reject synthetic zeros."""
+# A configured warm-up (count x instances runs) stops failing the load past this:
+# a config cannot keep a version LOADING, and its load slot taken, for hours.
+WARMUP_BUDGET_S = 300.0
+
+
+def warm_up(
+    runtime: ModelRuntime,
+    config: mc.ModelConfig,
+    model_dir: Path,
+    budget_s: float = WARMUP_BUDGET_S,
+) -> None:
+    """Runs warm-up requests on every instance. A configured warm-up that fails,
+    or runs past `budget_s` (checked between runs), fails the load (as in
+    Triton); a generated one only logs, since a model may legitimately reject
+    synthetic zeros."""
     outputs = [o.name for o in config.output]
+    deadline = time.monotonic() + budget_s
     if config.model_warmup:
         try:
             requests = _configured_requests(config, model_dir)
@@ -73,6 +109,11 @@ def warm_up(runtime: ModelRuntime, config: mc.ModelConfig, model_dir: Path) -> N
             ) from exc
         for name, count, feeds in requests:
             for _ in range(count * runtime.instance_count):
+                if time.monotonic() >= deadline:
+                    raise ModelLoadError(
+                        f"warm-up '{name}' of model '{config.name}' ran past its "
+                        f"{budget_s:g} s budget"
+                    )
                 try:
                     runtime.run(feeds, outputs)
                 except Exception as exc:

@@ -16,8 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import sluice
-from sluice import defaults
+from sluice import defaults, limits
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
+from sluice.limits import RequestLimits
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.metrics import VersionView, build_registry
 from sluice.proto import grpc_service_pb2 as pb
@@ -26,10 +27,13 @@ from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 from sluice.repository import SwapPolicy
 from sluice.runtime import RuntimeOptions
+from sluice.server import security
 from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
 from sluice.server.inference import InferenceServicer
 from sluice.server.ports import ensure_free
+from sluice.server.rest import IDLE_TIMEOUT_S as HTTP_IDLE_TIMEOUT_S
+from sluice.server.rest import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from sluice.server.rest import RestLimits, RestServer
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,15 @@ class ServerOptions:
     # Triton's --strict-readiness: ready only while every model that should load
     # has a ready version; False: ready once the start-up load has run.
     strict_readiness: bool = True
+    # ---- security (issue 15): TLS per port, restricted API groups, bounds
+    grpc_tls: security.TlsOptions | None = None
+    http_tls: security.TlsOptions | None = None
+    grpc_restricted: tuple[security.Restriction, ...] = ()
+    http_restricted: tuple[security.Restriction, ...] = ()
+    reflection: bool = True
+    http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
+    http_max_connections: int = HTTP_MAX_CONNECTIONS
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
 
 class SluiceServer:
@@ -98,10 +111,20 @@ class SluiceServer:
         )
         self._health = health.aio.HealthServicer()
         limit = options.max_message_bytes
+        # Security (issue 15): request bounds, the restricted-API interceptor.
+        limits.configure(options.limits)
+        receive_limit = min(limit, options.limits.max_request_bytes)
+        # The restriction runs first: a refused call never reaches the error edge.
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [security.RestrictedApiInterceptor(options.grpc_restricted)]
+            if options.grpc_restricted
+            else []
+        )
+        interceptors.append(ErrorEdge())
         self._grpc = grpc.aio.server(
-            interceptors=[ErrorEdge()],
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", limit),
             ],
         )
@@ -110,10 +133,11 @@ class SluiceServer:
         )
         spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.dataplane), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self._grpc,
-        )
+        if options.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                self._grpc,
+            )
         if not options.reuse_port:
             ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
             ensure_free(options.host, options.http_port, "HTTP", "--http-port")
@@ -131,13 +155,28 @@ class SluiceServer:
             options.host,
             options.http_port,
             registry,
-            RestLimits(max_body_bytes=limit),
+            RestLimits(
+                max_body_bytes=limit,
+                idle_timeout_s=options.http_idle_timeout_s,
+                max_connections=options.http_max_connections,
+            ),
+            tls=security.ReloadingSslContext(options.http_tls) if options.http_tls else None,
+            restricted=options.http_restricted,
         )
+        for warning in security.exposure_warnings(
+            options.host, options.grpc_tls, options.http_tls, options.grpc_restricted
+        ):
+            log.warning("SECURITY: %s", warning)
         self.http_port = self._rest.port
 
     def _listen_grpc(self) -> None:
         address = f"{self.options.host}:{self.options.grpc_port}"
-        self.grpc_port = self._grpc.add_insecure_port(address)  # binds and listens
+        tls = self.options.grpc_tls
+        if tls is not None:  # issue 15: TLS/mTLS, certificates reloaded on change
+            credentials = security.grpc_server_credentials(tls)
+            self.grpc_port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)  # binds and listens
         if self.grpc_port == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
 

@@ -15,8 +15,8 @@ import concurrent.futures
 import dataclasses
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -38,6 +38,7 @@ from sluice.server.extension import (
     rollout_message,
 )
 from sluice.server.inference import config_override, statistics_message
+from sluice.server.security import ReloadingSslContext, Restriction, http_refusal
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,11 @@ UNEXPECTED = RateLimitedLog()
 JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# A connection without a complete request head for this long is closed (see
+# RestLimits.idle_timeout_s); connections beyond MAX_CONNECTIONS get 503.
+IDLE_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +61,9 @@ class RestLimits:
     # A connection without a complete request head for this long is closed:
     # aiohttp runs this timer from the connection's start and after each
     # response, so it bounds slow-header clients as well as idle keep-alives.
-    idle_timeout_s: float = 60.0
+    idle_timeout_s: float = IDLE_TIMEOUT_S
     # Connections beyond this are answered 503 and closed at once.
-    max_connections: int = 1024
+    max_connections: int = MAX_CONNECTIONS
     max_header_line_bytes: int = 8190
 
 
@@ -95,8 +101,11 @@ async def _error_edge(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 class _Refuse(asyncio.Protocol):
-    """Answers a connection over the limit with 503 and closes it."""
+    """Answers a connection over the limit with 503. It half-closes and drains
+    what the client sends until the client closes (at most LINGER_S): closing
+    a socket with unread input would reset it and could lose the 503."""
 
+    LINGER_S = 2.0
     _BODY = b'{"error":"too many connections"}'
     _REPLY = (
         b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -104,9 +113,25 @@ class _Refuse(asyncio.Protocol):
     )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        # A stream transport (uvloop's do not subclass asyncio's classes).
+        transport = cast(asyncio.Transport, transport)
         transport.write(self._REPLY)
-        transport.close()
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(self.LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # drained and ignored
+
+    def eof_received(self) -> bool:
+        return False  # the client closed: close our side too
+
+
+def _open(handlers: Sequence[Any]) -> int:
+    """Connections not yet closing: one the server has just closed stays in
+    aiohttp's list until its connection_lost runs, after the client has seen
+    the close and may already be connecting again."""
+    return sum(1 for h in handlers if h.transport is not None and not h.transport.is_closing())
 
 
 class RestServer:
@@ -121,8 +146,13 @@ class RestServer:
         port: int,
         registry: CollectorRegistry | None,
         limits: RestLimits,
+        *,
+        tls: ReloadingSslContext | None = None,
+        restricted: Sequence[Restriction] = (),
     ) -> None:
         self._dp = dataplane
+        self._tls = tls
+        self._restricted = tuple(restricted)
         self._registry = registry
         self._limits = limits
         # One thread renders /metrics, so a scrape never runs on the loop
@@ -138,9 +168,10 @@ class RestServer:
     # ---- app --------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(
-            client_max_size=self._limits.max_body_bytes, middlewares=[_error_edge]
-        )
+        middlewares = [_error_edge]
+        if self._restricted:
+            middlewares.append(self._restriction)
+        app = web.Application(client_max_size=self._limits.max_body_bytes, middlewares=middlewares)
         r = app.router
         r.add_get("/v2", self._server_metadata)
         r.add_get("/v2/health/live", self._live)
@@ -177,13 +208,21 @@ class RestServer:
         http = self._runner.server
         assert http is not None
 
+        tls = self._tls
+
         def protocol() -> asyncio.Protocol:
-            if len(http.connections) >= limits.max_connections:
+            if tls is not None:
+                tls.maybe_reload()  # new certificates take effect for new connections
+            if len(http.connections) >= limits.max_connections and _open(http.connections) >= (
+                limits.max_connections
+            ):
                 return _Refuse()
             return http()
 
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(protocol, sock=self._sock)
+        self._server = await loop.create_server(
+            protocol, sock=self._sock, ssl=tls.context if tls is not None else None
+        )
         if self._registry is not None:
             self._metrics_pool = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="sluice-metrics"
@@ -200,6 +239,16 @@ class RestServer:
             await self._runner.cleanup()
         if self._metrics_pool is not None:
             self._metrics_pool.shutdown(wait=False)
+
+    @web.middleware
+    async def _restriction(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Restricted API groups (issue 15): a request without the group's header
+        gets 403 (the header names are lower case, as http_refusal expects)."""
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        refusal = http_refusal(self._restricted, request.path, headers)
+        if refusal is not None:
+            return web.Response(status=403, text=refusal + "\n")
+        return await handler(request)
 
     async def _body(self, request: web.Request) -> bytes:
         try:
