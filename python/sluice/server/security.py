@@ -437,7 +437,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--http-max-connections",
         type=int,
-        default=64,
+        default=1024,  # server/rest.py MAX_CONNECTIONS: a connection is a socket, no thread
         help="HTTP connections served at once; more are answered 503",
     )
 
