@@ -291,7 +291,9 @@ def test_out_of_range_parameters_are_invalid_and_release_what_they_hold(
     before = _rss_bytes(server.proc.pid)
     refuse(300)  # before the fix each one kept its 1 MiB: +300 MB
     grown = _rss_bytes(server.proc.pid) - before
-    assert grown < 48 << 20, f"RSS grew by {grown >> 20} MiB over 300 refused requests"
+    # A leak keeps 300 MiB; allocator arenas and gRPC's buffers wander by tens of
+    # MiB (60 MiB seen on a clean CI run), so the bound sits between the two.
+    assert grown < 150 << 20, f"RSS grew by {grown >> 20} MiB over 300 refused requests"
     stats = client.get_inference_statistics("wide", as_json=True)["model_stats"][0]
     assert int(stats["inference_stats"]["fail"]["count"]) == 402  # every refusal is counted
 
