@@ -37,38 +37,14 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 from conftest import ServerProcess
 from onnx import TensorProto, helper
+from test_datatypes import SUFFIXES, WIRE
+from test_errors import BROKEN_CONFIG
 from tritonclient.utils import InferenceServerException
 
 EXAMPLE_MODELS = Path(__file__).resolve().parents[2] / "python" / "sluice" / "examples" / "models"
 MAX_MESSAGE_BYTES = 1 << 20
 
-# ONNX tensor-name suffix -> (KServe wire datatype, numpy dtype)
-WIRE: dict[str, tuple[str, Any]] = {
-    "bool": ("BOOL", np.bool_),
-    "uint8": ("UINT8", np.uint8),
-    "uint16": ("UINT16", np.uint16),
-    "uint32": ("UINT32", np.uint32),
-    "uint64": ("UINT64", np.uint64),
-    "int8": ("INT8", np.int8),
-    "int16": ("INT16", np.int16),
-    "int32": ("INT32", np.int32),
-    "int64": ("INT64", np.int64),
-    "float16": ("FP16", np.float16),
-    "float": ("FP32", np.float32),
-    "double": ("FP64", np.float64),
-    "string": ("BYTES", np.object_),
-}
-SUFFIXES = [t for t, _ in onnx_models.ALL_DTYPES]
 
-BROKEN_CONFIG = """\
-name: "broken"
-platform: "onnxruntime_onnx"
-max_batch_size: 4
-input [
-  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },
-  { name: "INPUT1" data_type: TYPE_INT32 dims: [ 16 ] }
-]
-"""
 SMALL_QUEUE_CONFIG = """\
 max_batch_size: 4
 input [ { name: "x" data_type: TYPE_FP32 dims: [ 16 ] } ]
