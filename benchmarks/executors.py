@@ -103,9 +103,12 @@ def _run(
     }
     if before is not None and after is not None:
         executions = after["executions"] - before["executions"]
-        if executions > 0:
-            row["avg_batch"] = (after["inferences"] - before["inferences"]) / executions
-            row["infer_us_per_batch"] = (after["infer_ns"] - before["infer_ns"]) / executions / 1e3
+        inferences = after["inferences"] - before["inferences"]
+        if executions > 0 and inferences > 0:
+            row["avg_batch"] = inferences / executions
+            # compute_infer is charged to every request of a batch (Triton's
+            # statistics), so per request it is the time of that request's batch.
+            row["infer_us_per_batch"] = (after["infer_ns"] - before["infer_ns"]) / inferences / 1e3
     print(f"[executors] {row}", file=sys.stderr, flush=True)
     return row
 
