@@ -9,9 +9,8 @@ import signal
 from pathlib import Path
 
 import numpy as np
-import onnx
+import onnx_models
 import pytest
-from onnx import TensorProto, helper
 from sluice.errors import UnavailableError
 from sluice.executors import process
 from sluice.executors.process import ProcessExecutor, launch_spec
@@ -21,25 +20,9 @@ from sluice.runtime import RuntimeOptions
 from sluice.scheduling.scheduler import Scheduler
 
 
-def scaler(path: Path, factor: float) -> None:
-    """y = x * factor, x and y float32 [N, 4]."""
-    k = helper.make_tensor("k", TensorProto.FLOAT, [], [factor])
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "k"], ["y"])],
-        "scaler",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [k],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-
-
 def _executor(tmp_path: Path) -> tuple[ProcessExecutor, mc.ModelConfig]:
     path = tmp_path / "m" / "1" / "model.onnx"
-    scaler(path, 3.0)
+    onnx_models.build_scaler(path, 3.0)
     config = mc.ModelConfig(name="m", max_batch_size=8)
     spec = launch_spec("m", 1, path, path.parent.parent, config, RuntimeOptions(), 1)
     executor = ProcessExecutor(spec)
