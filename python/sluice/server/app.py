@@ -30,6 +30,7 @@ from sluice.runtime import RuntimeOptions
 from sluice.server import security
 from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
+from sluice.server.frontends import Dispatcher, FrontendCollector, FrontendConfig, FrontendPool
 from sluice.server.inference import InferenceServicer
 from sluice.server.ports import ensure_free
 from sluice.server.rest import IDLE_TIMEOUT_S as HTTP_IDLE_TIMEOUT_S
@@ -86,6 +87,9 @@ class ServerOptions:
     http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
     http_max_connections: int = HTTP_MAX_CONNECTIONS
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    # gRPC frontend processes on the gRPC port (server/frontends.py). 1 serves
+    # gRPC in this process; N > 1 starts N processes that forward to this one.
+    frontends: int = 1
 
 
 class SluiceServer:
@@ -121,34 +125,58 @@ class SluiceServer:
             else []
         )
         interceptors.append(ErrorEdge())
-        self._grpc = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", receive_limit),
-                ("grpc.max_send_message_length", limit),
-            ],
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), self._grpc
-        )
-        spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.dataplane), self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        if options.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                self._grpc,
+        inference = InferenceServicer(self.dataplane)
+        extension = SluiceServicer(self.dataplane)
+        self._grpc: grpc.aio.Server | None = None
+        self._pool: FrontendPool | None = None
+        if options.frontends > 1:
+            # gRPC lives in the frontend processes; they forward here.
+            self._pool = FrontendPool(
+                options.frontends,
+                FrontendConfig(
+                    host=options.host,
+                    port=options.grpc_port,
+                    receive_limit=receive_limit,
+                    send_limit=limit,
+                    tls=_tls_config(options.grpc_tls),
+                    restrictions=[
+                        {"groups": sorted(r.groups), "header": r.header, "value": r.value}
+                        for r in options.grpc_restricted
+                    ],
+                    reflection=options.reflection,
+                    services=[SERVICE_NAME, EXTENSION_NAME],
+                ),
+                Dispatcher(inference, extension),
             )
+        else:
+            self._grpc = grpc.aio.server(
+                interceptors=interceptors,
+                options=[
+                    ("grpc.max_receive_message_length", receive_limit),
+                    ("grpc.max_send_message_length", limit),
+                ],
+            )
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)
+            spb_grpc.add_SluiceServiceServicer_to_server(extension, self._grpc)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            if options.reflection:
+                reflection.enable_server_reflection(
+                    (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                    self._grpc,
+                )
         if not options.reuse_port:
             ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
             ensure_free(options.host, options.http_port, "HTTP", "--http-port")
         self.grpc_port = 0
-        if not options.grpc_listen_after_load:
+        if not options.grpc_listen_after_load and self._grpc is not None:
             self._listen_grpc()
         registry = (
             build_registry(self._version_views, sluice.__version__, options.cost)
             if options.allow_metrics
             else None
         )
+        if registry is not None and self._pool is not None:
+            registry.register(FrontendCollector(self._pool))
         # KServe v2 REST and /metrics on the HTTP port, on this same event loop.
         self._rest = RestServer(
             self.dataplane,
@@ -170,6 +198,7 @@ class SluiceServer:
         self.http_port = self._rest.port
 
     def _listen_grpc(self) -> None:
+        assert self._grpc is not None
         address = f"{self.options.host}:{self.options.grpc_port}"
         tls = self.options.grpc_tls
         if tls is not None:  # issue 15: TLS/mTLS, certificates reloaded on change
@@ -202,28 +231,42 @@ class SluiceServer:
                     executor_restarts=scheduler.executor.restarts if scheduler is not None else 0,
                 )
 
-    async def _set_health(self) -> None:
-        overall = (
-            health_pb2.HealthCheckResponse.SERVING
-            if self.is_ready()
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self._health.set("", overall)
-        await self._health.set(SERVICE_NAME, overall)
+    def _health_statuses(self) -> dict[str, bool]:
+        """Serving or not, per gRPC health service name: the server, the
+        inference service, and each model."""
+        ready = self.is_ready()
+        statuses = {"": ready, SERVICE_NAME: ready}
         for name, model in self.models.models.items():
-            serving = self._ready and any(v.serving for v in model.ready_versions())
+            statuses[name] = self._ready and any(v.serving for v in model.ready_versions())
+        return statuses
+
+    async def _set_health(self) -> None:
+        statuses = self._health_statuses()
+        if self._pool is not None:
+            self._pool.push_health(statuses)
+        for service, serving in statuses.items():
             await self._health.set(
-                name,
+                service,
                 health_pb2.HealthCheckResponse.SERVING
                 if serving
                 else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
 
+    async def _start_grpc(self) -> None:
+        if self._pool is not None:
+            await self._pool.start()
+            self.grpc_port = self._pool.port
+            return
+        assert self._grpc is not None
+        if self.grpc_port == 0:
+            self._listen_grpc()
+        await self._grpc.start()
+
     async def start(self) -> None:
         """Listens first (live, not ready), loads the repository, then turns ready."""
         await self._set_health()
         if not self.options.grpc_listen_after_load:
-            await self._grpc.start()
+            await self._start_grpc()
         await self._rest.start()
         log.info(
             "listening: grpc %s:%s, http %s:%d",
@@ -242,8 +285,7 @@ class SluiceServer:
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="sluice-repository-poll")
         if self.options.grpc_listen_after_load:
-            self._listen_grpc()
-            await self._grpc.start()
+            await self._start_grpc()
         self._ready = True
         await self._set_health()
 
@@ -269,8 +311,16 @@ class SluiceServer:
             await asyncio.sleep(self.options.drain_delay_seconds)
         await self._health.enter_graceful_shutdown()
         grace = self.options.grace_seconds
-        await asyncio.gather(self._grpc.stop(grace), self._rest.stop(grace))
+        grpc_stopped = self._pool.stop(grace) if self._pool is not None else self._grpc_stop(grace)
+        await asyncio.gather(grpc_stopped, self._rest.stop(grace))
         await self.models.unload_all()
+
+    async def _grpc_stop(self, grace: float) -> None:
+        assert self._grpc is not None
+        await self._grpc.stop(grace)
+
+    def frontend_pids(self) -> list[int]:
+        return self._pool.pids() if self._pool is not None else []
 
     def ready_banner(self) -> str:
         paths = "KServe v2 REST, /metrics" if self.options.allow_metrics else "KServe v2 REST"
@@ -279,6 +329,9 @@ class SluiceServer:
             f"http {self.options.host}:{self.http_port} ({paths})",
             f"model repository: {self.options.model_repository}",
         ]
+        if self._pool is not None:
+            pids = ", ".join(str(p) for p in self._pool.pids())
+            lines.insert(1, f"gRPC frontends: {self._pool.count} processes (pids {pids})")
         for name, model in sorted(self.models.models.items()):
             ready = [str(v.version) for v in model.ready_versions()]
             state = (
@@ -295,6 +348,17 @@ class SluiceServer:
                 f"try: sluice infer {example} --random --url {self.options.host}:{self.grpc_port}"
             )
         return "\n".join(lines)
+
+
+def _tls_config(tls: security.TlsOptions | None) -> dict[str, object] | None:
+    if tls is None:
+        return None
+    return {
+        "server_cert": str(tls.server_cert),
+        "server_key": str(tls.server_key),
+        "root_cert": str(tls.root_cert) if tls.root_cert else None,
+        "mutual": tls.mutual,
+    }
 
 
 async def serve(options: ServerOptions) -> None:

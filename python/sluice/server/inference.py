@@ -21,10 +21,7 @@ from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import model_config_pb2 as mc
 from sluice.server import codec
 from sluice.server.edge import Undecodable, error_text
-
-# Responses not yet read by a stream's client, per stream: past this many the
-# stream stops reading requests until the client catches up (back-pressure).
-STREAM_WINDOW = 256
+from sluice.server.streaming import stream_replies, wants_request_order
 
 
 def _tensor_metadata(t: TensorMetadata) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -168,7 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -----------------------------------------------------------
 
-    async def _infer(
+    async def infer_message(
         self, msg: pb.ModelInferRequest, time_remaining_s: float | None = None
     ) -> pb.ModelInferResponse:
         received_ns = _core.monotonic_ns()
@@ -186,55 +183,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        return await self.infer_message(request, context.time_remaining())
+
+    async def stream_reply(
+        self, msg: pb.ModelInferRequest | Undecodable
+    ) -> pb.ModelStreamInferResponse:
+        """One stream message's reply: its response, or its error in-band."""
+        if isinstance(msg, Undecodable):
+            return pb.ModelStreamInferResponse(error_message=msg.message())
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self.infer_message(msg))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return stream_error(msg, exc)
 
     async def ModelStreamInfer(
         self,
         request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Requests on one stream run concurrently; responses go back as they
-        # finish (clients match them by request id), errors in-band per request.
-        # At most STREAM_WINDOW requests are in flight or unread per stream.
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        pending: set[asyncio.Task[None]] = set()
+        ordered = wants_request_order(context.invocation_metadata())
+        async for reply in stream_replies(request_iterator, self.stream_reply, ordered=ordered):
+            yield reply
 
-        async def one(msg: pb.ModelInferRequest) -> None:
-            try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(msg))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reply = pb.ModelStreamInferResponse(error_message=error_text(exc))
-                reply.infer_response.id = msg.id
-                reply.infer_response.model_name = msg.model_name
-            await responses.put(reply)
 
-        async def read() -> None:
-            try:
-                async for msg in request_iterator:
-                    await window.acquire()  # released when its reply is yielded
-                    if isinstance(msg, Undecodable):
-                        await responses.put(
-                            pb.ModelStreamInferResponse(error_message=msg.message())
-                        )
-                        continue
-                    task = asyncio.create_task(one(msg))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                if pending:
-                    await asyncio.wait(set(pending))
-            finally:
-                await responses.put(None)  # whatever happened, the writer ends
-
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await responses.get()) is not None:
-                yield reply
-                window.release()
-            await reader  # surface a reader failure
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+def stream_error(msg: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
+    """A failed stream message's reply: the error, with the request's id and model."""
+    reply = pb.ModelStreamInferResponse(error_message=error_text(exc))
+    reply.infer_response.id = msg.id
+    reply.infer_response.model_name = msg.model_name
+    return reply
