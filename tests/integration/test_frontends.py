@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -28,6 +28,22 @@ input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
 output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
 dynamic_batching { max_queue_delay_microseconds: 500 }
 """
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., ServerProcess]]:
+    """Frontends forward bytes whatever runs the batches: these tests use one
+    executor (the suite's executor-parametrised tests cover both)."""
+    started: list[ServerProcess] = []
+
+    def start(repository: Path, *extra_args: str) -> ServerProcess:
+        server = ServerProcess(repository, list(extra_args), executor="thread")
+        started.append(server)
+        return server
+
+    yield start
+    for s in started:
+        s.stop()
 
 
 def _repo(root: Path, names: tuple[str, ...] = ("scale",)) -> Path:
@@ -99,7 +115,7 @@ def test_two_frontends_answer_as_one_server(
                 got = _infer(client, x)
                 if not np.array_equal(got, want):
                     mismatches.append(f"{got} != {want}")
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        except BaseException as exc:  # reported by the test thread
             errors.append(exc)
         finally:
             client.close()
@@ -109,7 +125,8 @@ def test_two_frontends_answer_as_one_server(
         t.start()
     for t in threads:
         t.join()
-    assert not errors and not mismatches
+    assert not errors
+    assert not mismatches
     sent = per_client * clients
     m = _metrics(server)
     assert m["nv_inference_request_success{model=scale,version=1}"] == sent
@@ -197,11 +214,15 @@ def test_killed_frontend_restarts_while_the_other_serves(
         killed.set()
         wait_until(
             "the frontend to be restarted",
-            lambda: _metrics(server).get("sluice_frontend_restarts_total{}") == 1
-            and len(_frontends(server)) == 2,
+            lambda: (
+                _metrics(server).get("sluice_frontend_restarts_total{}") == 1
+                and len(_frontends(server)) == 2
+            ),
         )
         # Every client is served again, those of the dead frontend after reconnecting.
-        wait_until("every client to be served after the kill", lambda: min(after_kill.values()) >= 20)
+        wait_until(
+            "every client to be served after the kill", lambda: min(after_kill.values()) >= 20
+        )
     finally:
         stop.set()
         for t in threads:
