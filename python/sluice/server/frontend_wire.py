@@ -40,7 +40,7 @@ STREAM_METHOD = "ModelStreamInfer"
 def _methods() -> tuple[str, ...]:
     """Every RPC of sluice's two services as "/package.Service/Method", in a
     fixed order both sides compute alike (a method travels as its index)."""
-    paths = []
+    paths: list[str] = []
     for module, service in (
         (pb, "GRPCInferenceService"),
         (spb, "SluiceService"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import socket
@@ -161,17 +162,18 @@ class FrontendConnection(wire.FrameProtocol):
             )
             task = self._loop.create_task(coro)
             self._tasks[call_id] = task
-            task.add_done_callback(lambda t, call_id=call_id: self._answer(call_id, t))
+            task.add_done_callback(functools.partial(self._answer, call_id))
         elif kind == wire.CANCEL:
-            task = self._tasks.pop(call_id, None)
-            if task is not None:
-                task.cancel()
+            cancelled = self._tasks.pop(call_id, None)
+            if cancelled is not None:
+                cancelled.cancel()
         elif kind == wire.LISTENING and not self.listening.done():
             self.listening.set_result(int(body))
 
     def _answer(self, call_id: int, task: asyncio.Task[tuple[int, bytes]]) -> None:
-        if self._tasks.pop(call_id, None) is None or task.cancelled():
+        if call_id not in self._tasks or task.cancelled():
             return  # cancelled by the frontend: its client is gone
+        del self._tasks[call_id]
         exc = task.exception()
         code, body = _failure(exc) if exc is not None else task.result()
         self.send(call_id, wire.REPLY, code, -1.0, body)
@@ -280,16 +282,19 @@ class FrontendPool:
         first, longest = RESTART_BACKOFF_S
         lived_s = time.monotonic() - started
         delay = first if lived_s >= HEALTHY_AFTER_S else self._delay_s.get(index, first)
-        while not self._stopping:
+        while True:
             await asyncio.sleep(delay)
             delay = self._delay_s[index] = min(longest, delay * 2)
-            if self._stopping:
+            if self.stopping():
                 return
             try:
                 await self._spawn(index, self.port)
                 return
             except OSError as exc:
                 log.error("gRPC frontend %d did not restart: %s", index, exc)
+
+    def stopping(self) -> bool:
+        return self._stopping
 
     # ---- health, stop, figures ------------------------------------------------
 

@@ -14,8 +14,8 @@ frontend processes (which see messages as bytes).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
 # Unanswered requests per stream (in flight or waiting to be written).
 STREAM_WINDOW = 256
@@ -34,7 +34,7 @@ def wants_request_order(metadata: Iterable[tuple[str, str | bytes]] | None) -> b
 
 async def stream_replies(
     requests: AsyncIterator[Req],
-    one: Callable[[Req], Awaitable[Reply]],
+    one: Callable[[Req], Coroutine[Any, Any, Reply]],
     *,
     ordered: bool,
     window: int = STREAM_WINDOW,
@@ -56,7 +56,7 @@ async def stream_replies(
         try:
             async for request in requests:
                 await slots.acquire()  # released once its reply is written
-                task = asyncio.create_task(one(request))  # type: ignore[arg-type]
+                task = asyncio.create_task(one(request))
                 pending.add(task)
                 task.add_done_callback(finished)
                 if ordered:
