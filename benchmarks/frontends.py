@@ -61,9 +61,9 @@ def _run(
     )
     try:
         before = harness.model_counts(url, served)
-        cpu0, t0 = request_path._cpu_s(proc.pid), time.monotonic()
+        cpu0, host0, t0 = request_path._cpu_s(proc.pid), _own_cpu_s(proc.pid), time.monotonic()
         batching.perf_analyzer(run, url, args, deadline)
-        cpu1, t1 = request_path._cpu_s(proc.pid), time.monotonic()
+        cpu1, host1, t1 = request_path._cpu_s(proc.pid), _own_cpu_s(proc.pid), time.monotonic()
         after = harness.model_counts(url, served)
     finally:
         server.stop()
@@ -81,10 +81,25 @@ def _run(
         "server_cpu_us_per_inference": (
             1e6 * (cpu1 - cpu0) / served_requests if served_requests else None
         ),
+        # The server's main process alone: with --frontends N the host (data
+        # plane, batching, thread executors), the rest being its frontends.
+        "host_cpu_us_per_inference": (
+            1e6 * (host1 - host0) / served_requests if served_requests else None
+        ),
         "avg_batch": harness.avg_batch(before, after),
     }
     print(f"[frontends] {row}", file=sys.stderr, flush=True)
     return row
+
+
+def _own_cpu_s(pid: int) -> float:
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return t.user + t.system
 
 
 def _find(rows: Sequence[dict[str, Any]], server: str, streaming: bool) -> dict[str, Any]:
@@ -199,7 +214,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     f = harness.fmt
     print(
         harness.markdown_table(
-            ["server", "c", "stream", "infer/s", "p50 µs", "p99 µs", "CPU µs/inf", "avg batch"],
+            [
+                "server",
+                "c",
+                "stream",
+                "infer/s",
+                "p50 µs",
+                "p99 µs",
+                "CPU µs/inf",
+                "main process µs/inf",
+                "avg batch",
+            ],
             [
                 [
                     r["server"],
@@ -209,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f(r["p50_us"], ".0f"),
                     f(r["p99_us"], ".0f"),
                     f(r["server_cpu_us_per_inference"], ".0f"),
+                    f(r["host_cpu_us_per_inference"], ".0f"),
                     f(r["avg_batch"], ".2f"),
                 ]
                 + ([r["error"]] if r["error"] else [])
