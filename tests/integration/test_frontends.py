@@ -21,6 +21,7 @@ from conftest import ServerProcess, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx_models import build_scaler
 from prometheus_client.parser import text_string_to_metric_families
+from test_prometheus import dashboard_exprs, parse_promql, scrape
 from tritonclient.utils import InferenceServerException
 
 CONFIG = """max_batch_size: 8
@@ -140,6 +141,20 @@ def test_two_frontends_answer_as_one_server(
         stats = client.get_inference_statistics("scale", as_json=True)
         client.close()
         assert int(stats["model_stats"][0]["inference_stats"]["success"]["count"]) == sent
+    # The dashboard's frontend panels query what this server exposes.
+    exposed = scrape(server.http_port)
+    queried = set()
+    for expr in dashboard_exprs():
+        for name, labels in parse_promql(expr)[0].items():
+            if name.startswith("sluice_frontend"):
+                queried.add(name)
+                assert name in exposed, name
+                assert labels <= exposed[name], (name, labels)
+    assert queried == {
+        "sluice_frontends",
+        "sluice_frontend_calls_total",
+        "sluice_frontend_restarts_total",
+    }
     # gRPC health through a frontend reflects the host.
     with grpc.insecure_channel(server.url) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
