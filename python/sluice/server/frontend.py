@@ -34,6 +34,8 @@ from sluice.server.streaming import stream_replies, wants_request_order
 
 log = logging.getLogger("sluice.frontend")
 
+CONFIG_TIMEOUT_S = 30.0
+
 # The host's answer to one forwarded call: (gRPC status code, body).
 Answer = tuple[int, bytes]
 
@@ -180,7 +182,9 @@ async def serve(fd: int) -> int:
     loop = asyncio.get_running_loop()
     sock = socket.socket(fileno=fd)
     _, link = await loop.create_unix_connection(lambda: HostLink(max_body_bytes=1 << 20), sock=sock)
-    config = await link.config
+    # The host sends the configuration at once; a frontend that never gets it
+    # (a broken start) exits rather than linger ignoring signals.
+    config = await asyncio.wait_for(link.config, CONFIG_TIMEOUT_S)
     link.statuses = {**config["health"], **link.statuses}
     link._max_body_bytes = int(config["max_frame_bytes"])
     restrictions = _restrictions(config["restrictions"])
