@@ -105,6 +105,7 @@ def test_two_frontends_answer_as_one_server(
     per_client, clients = 40, 32
     mismatches: list[str] = []
     errors: list[BaseException] = []
+    rows = [0] * clients
 
     def run(seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -112,6 +113,7 @@ def test_two_frontends_answer_as_one_server(
         try:
             for _ in range(per_client):
                 x = rng.standard_normal((1 + int(rng.integers(3)), 4)).astype(np.float32)
+                rows[seed] += len(x)
                 want = session.run(None, {"x": x})[0]
                 got = _infer(client, x)
                 if not np.array_equal(got, want):
@@ -131,6 +133,7 @@ def test_two_frontends_answer_as_one_server(
     sent = per_client * clients
     m = _metrics(server)
     assert m["nv_inference_request_success{model=scale,version=1}"] == sent
+    assert m["nv_inference_count{model=scale,version=1}"] == sum(rows)  # rows, as Triton's
     # Both frontends took calls (32 connections all hashed to one: p = 2^-31).
     forwarded = [m.get(f"sluice_frontend_calls_total{{frontend={i}}}", 0) for i in range(2)]
     assert all(f > 0 for f in forwarded), forwarded
