@@ -134,11 +134,11 @@ def _output_types(config: mc.ModelConfig) -> dict[str, tuple[tuple[int, ...], np
 def _load_local(
     repository: Path, model: str, version: int | None, instances: int | None
 ) -> tuple[Any, mc.ModelConfig, mc.ModelConfig, Path, int]:
-    from sluice.repository import registry
     from sluice.repository.policy import version_dirs
+    from sluice.repository.registry.folders import check_model_name
     from sluice.runtime import RuntimeOptions, load_runtime
 
-    registry.check_model_name(model)
+    check_model_name(model)
     model_dir = repository / model
     if not model_dir.is_dir():
         raise BatchError(f"no model '{model}' in {repository}")
