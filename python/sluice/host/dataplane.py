@@ -23,7 +23,7 @@ from sluice.host.lifecycle import IndexEntry, ModelManager, ModelVersion
 from sluice.host.routing import Route
 from sluice.monitoring.stats import InferStats
 from sluice.proto import model_config_pb2 as mc
-from sluice.repository.registry import Canary, Labels, LabelsError, Shadow, read_labels
+from sluice.repository.registry.labels import Canary, Labels, LabelsError, Shadow, read_labels
 from sluice.repository.rollout import outputs_agree
 
 Array = np.ndarray[Any, Any]

@@ -26,7 +26,8 @@ from sluice.repository import layout
 from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
 from sluice.repository.policy import version_dirs
-from sluice.repository.registry import Labels, read_metadata, update_labels
+from sluice.repository.registry.labels import Labels, update_labels
+from sluice.repository.registry.metadata import read_metadata
 from sluice.repository.rollout import CanaryGuard, GuardLimits
 from sluice.repository.swap_policy import SwapPolicy, order
 from sluice.runtime import RuntimeInfo

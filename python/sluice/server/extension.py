@@ -17,7 +17,7 @@ from sluice.host.dataplane import (
 )
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
-from sluice.repository.registry import Canary, Labels, LabelsError, Shadow
+from sluice.repository.registry.labels import Canary, Labels, LabelsError, Shadow
 
 
 def rollout_message(name: str, labels: Labels) -> spb.Rollout:
