@@ -312,10 +312,12 @@ class ProcessExecutor:
             # a dead child also shows up as EOF on the socket and restarts.
             self._idle.append(inst)
             now = _core.monotonic_ns()
-            error = UnavailableError(
-                f"model {host.label} instance {inst.index}: cannot hand the batch to its "
-                f"executor process: {exc}"
-            )
+            if isinstance(exc, ConnectionError):  # EPIPE/ECONNRESET: the child is gone
+                what = f"the executor process died before it took this batch ({exc}); "
+                what += "the instance is restarting"
+            else:
+                what = f"cannot hand the batch to its executor process: {exc}"
+            error = UnavailableError(f"model {host.label} instance {inst.index}: {what}")
             host.deliver(
                 BatchOutcome(batch, ids, tickets, None, error, compute_start, now, now, now)
             )
