@@ -224,15 +224,21 @@ class ModelRuntime:
         )
 
     def run(
-        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+        run_options: ort.RunOptions | None = None,
     ) -> list[np.ndarray[Any, Any]]:
         """Runs one instance on `inputs`; returns the outputs in `output_names` order.
-        Raises onnxruntime's exception if the model fails on these inputs."""
+        Raises onnxruntime's exception if the model fails on these inputs, or
+        when `run_options.terminate` is set while it runs (warm-up abandoned)."""
         session = self._free.get()
         try:
             if self._bf16:
-                return self._run_ort_values(session, inputs, output_names)
-            outputs: list[np.ndarray[Any, Any]] = session.run(list(output_names), dict(inputs))
+                return self._run_ort_values(session, inputs, output_names, run_options)
+            outputs: list[np.ndarray[Any, Any]] = session.run(
+                list(output_names), dict(inputs), run_options
+            )
             return outputs
         finally:
             self._free.put(session)
@@ -242,6 +248,7 @@ class ModelRuntime:
         session: ort.InferenceSession,
         inputs: Mapping[str, np.ndarray[Any, Any]],
         output_names: Sequence[str],
+        run_options: ort.RunOptions | None = None,
     ) -> list[np.ndarray[Any, Any]]:
         # numpy cannot hand bfloat16 to onnxruntime's Python API directly: pass
         # the bits as uint16 tagged BFLOAT16, and read results back the same way.
@@ -253,7 +260,7 @@ class ModelRuntime:
                 )
             else:
                 feeds[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
-        values = session.run_with_ort_values(list(output_names), feeds)
+        values = session.run_with_ort_values(list(output_names), feeds, run_options)
         results: list[np.ndarray[Any, Any]] = []
         for name, value in zip(output_names, values, strict=True):
             if self._output_types[name] == "tensor(bfloat16)":

@@ -4,6 +4,7 @@ a fixed order (not ready -> stop accepting -> finish accepted -> unload)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -86,6 +87,8 @@ class ServerOptions:
     http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
     http_max_connections: int = HTTP_MAX_CONNECTIONS
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    # A version whose load takes longer is UNAVAILABLE with the reason (0: no limit).
+    model_load_timeout_s: float = defaults.MODEL_LOAD_TIMEOUT_S
 
 
 class SluiceServer:
@@ -99,6 +102,7 @@ class SluiceServer:
             swap_policy=options.swap_policy,
             on_change=self._set_health,
             detailed_stats=options.allow_metrics,
+            load_timeout_s=options.model_load_timeout_s,
         )
         self._poller: asyncio.Task[None] | None = None
         self._ready = False
@@ -303,9 +307,20 @@ async def serve(options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    print(server.ready_banner(), flush=True)
-    await stop.wait()
+    # A stop during the initial load ends it: loads still running are abandoned
+    # (executors/attempt.py), so a model that hangs never holds the exit.
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failed start raises here
+        print(server.ready_banner(), flush=True)
+        await stopping
+    else:
+        log.info("stopping during the initial load")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
     log.info("stopping: finishing accepted requests (grace %.0fs)", options.grace_seconds)
     await server.stop()
     log.info("stopped")
