@@ -22,6 +22,7 @@ from sluice.errors import (
     ModelLoadError,
     NotFoundError,
     UnavailableError,
+    shown,
 )
 from sluice.executors.attempt import LoadAttempt, run_with_budget
 from sluice.host.loader import ExecutorLoader
@@ -106,6 +107,8 @@ class Model:
     # The repository or an explicit load asks for this model (False once it is
     # unloaded or removed): strict readiness waits for every wanted model.
     wanted: bool = True
+    # Requests of every version accepted and not yet answered (--max-inflight-per-model).
+    inflight: int = 0
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.ready]
@@ -199,19 +202,20 @@ class ModelManager:
         Raises UnavailableError with the reason when no version of it is ready after."""
         layout.check_name(name)  # a client's name is data, never a path
         if not await asyncio.to_thread((self.repository / name).is_dir):
-            raise NotFoundError(f"no model folder '{name}' in {self.repository}")
+            raise NotFoundError(f"no model folder '{shown(name)}' in {self.repository}")
         async with self._lock:
             aspired = await asyncio.to_thread(read_aspired, self.repository, name, override)
             failures = await self._reconcile(aspired, retry_failed=True)
         await self._changed()
         model = self.models[name]
         if not model.ready_versions():
-            raise UnavailableError(f"failed to load '{name}': {model.unavailable_reason()}")
+            raise UnavailableError(f"failed to load '{shown(name)}': {model.unavailable_reason()}")
         if failures:
             # Something serves, but not everything that was asked for loaded.
             serving = ", ".join(str(v.version) for v in model.ready_versions())
             raise UnavailableError(
-                f"failed to load '{name}': {'; '.join(failures)}; version(s) {serving} keep serving"
+                f"failed to load '{shown(name)}': {'; '.join(failures)}; version(s) {serving} "
+                "keep serving"
             )
 
     async def unload(self, name: str) -> None:
@@ -221,7 +225,7 @@ class ModelManager:
             model = self.models.get(name)
             if model is None:
                 if not await asyncio.to_thread((self.repository / name).is_dir):
-                    raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+                    raise NotFoundError(f"Request for unknown model: '{shown(name)}' is not found")
                 return
             await self._unload_model(model, "unloaded")
         await self._changed()
@@ -494,7 +498,7 @@ class ModelManager:
         model, InvalidArgumentError for a labelled version with no folder."""
         directory = layout.model_dir(self.repository, name)  # a client's name: never a path
         if not await asyncio.to_thread(directory.is_dir):
-            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+            raise NotFoundError(f"Request for unknown model: '{shown(name)}' is not found")
         available = set(await asyncio.to_thread(version_dirs, directory))
 
         def checked(current: Labels) -> Labels:
@@ -502,7 +506,7 @@ class ModelManager:
             missing = sorted(updated.versions() - available)
             if missing:
                 raise InvalidArgumentError(
-                    f"model '{name}' has no version folder {', '.join(map(str, missing))}"
+                    f"model '{shown(name)}' has no version folder {', '.join(map(str, missing))}"
                 )
             return updated
 
@@ -551,7 +555,7 @@ class ModelManager:
     def model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+            raise NotFoundError(f"Request for unknown model: '{shown(name)}' is not found")
         return model
 
     def resolve(self, name: str, version: str) -> ModelVersion:
@@ -561,19 +565,23 @@ class ModelManager:
         if version:
             if not (version.isascii() and version.isdigit()) or version.startswith("0"):
                 raise NotFoundError(
-                    f"Request for unknown model: '{name}' version '{version}' is not found"
+                    f"Request for unknown model: '{shown(name)}' version '{shown(version)}' is "
+                    "not found"
                 )
             mv = model.versions.get(int(version))
             if mv is None:
                 raise NotFoundError(
-                    f"Request for unknown model: '{name}' version {version} is not found"
+                    f"Request for unknown model: '{shown(name)}' version {version} is not found"
                 )
             if not mv.ready:
                 raise UnavailableError(
-                    f"model '{name}' version {version} is not ready: {mv.reason or mv.state.value}"
+                    f"model '{shown(name)}' version {version} is not ready: "
+                    f"{mv.reason or mv.state.value}"
                 )
             return mv
         ready = model.ready_versions()
         if not ready:
-            raise UnavailableError(f"model '{name}' is not ready: {model.unavailable_reason()}")
+            raise UnavailableError(
+                f"model '{shown(name)}' is not ready: {model.unavailable_reason()}"
+            )
         return ready[-1]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from sluice import _core, datatypes, limits
-from sluice.errors import InvalidArgumentError
+from sluice.errors import InvalidArgumentError, shown
 from sluice.host.dataplane import InferInput, InferOutput, InferRequest, InferResponse
 from sluice.proto import grpc_service_pb2 as pb
 
@@ -68,8 +68,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def _name(name: str) -> str:
     """A client's name for an error message: one line, bounded."""
-    text = repr(name)[1:-1]
-    return text if len(text) <= 128 else text[:125] + "..."
+    return shown(name)
 
 
 def decode_raw(

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from sluice.errors import public_message
 from sluice.server.errors import as_sluice_error, grpc_status
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         UNEXPECTED.error("unexpected error", exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
     else:
-        await context.abort(grpc_status(error), error.message)
+        await context.abort(grpc_status(error), public_message(error.message))
 
 
 def error_text(exc: BaseException) -> str:
@@ -93,7 +94,7 @@ def error_text(exc: BaseException) -> str:
     if error is None:
         UNEXPECTED.error("unexpected error in a stream message", exc)
         return f"internal error: {type(exc).__name__}"
-    return error.message
+    return public_message(error.message)
 
 
 def _unary(

@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import json_format
 
 from sluice import _core
-from sluice.errors import InvalidArgumentError, SluiceError
+from sluice.errors import InvalidArgumentError, SluiceError, shown
 from sluice.host.dataplane import DataPlane, TensorMetadata
 from sluice.monitoring.stats import Duration, InferStats
 from sluice.proto import grpc_service_pb2 as pb
@@ -44,8 +44,8 @@ def config_override(model_name: str, parameters: dict[str, str]) -> mc.ModelConf
                 json_format.Parse(text, override)
             except json_format.ParseError as exc:
                 raise InvalidArgumentError(
-                    f"the config override for model '{model_name}' is not a valid "
-                    f"JSON ModelConfig: {exc}"
+                    f"the config override for model '{shown(model_name)}' is not a valid "
+                    f"JSON ModelConfig: {shown(str(exc), 160)}"
                 ) from None
         elif key.startswith("file:"):
             raise InvalidArgumentError(

@@ -432,7 +432,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-inflight-per-model",
         type=int,
         default=RequestLimits.max_inflight_per_model,
-        help="requests of one model version in flight before RESOURCE_EXHAUSTED; 0 = no limit",
+        help="requests of one model (all its versions together) in flight before "
+        "RESOURCE_EXHAUSTED; 0 = no limit",
     )
     g.add_argument(
         "--model-load-timeout-secs",
