@@ -14,12 +14,12 @@ from google.protobuf import json_format
 
 from sluice import _core
 from sluice.errors import InvalidArgumentError, SluiceError, shown
-from sluice.host.dataplane import DataPlane, TensorMetadata
+from sluice.host.dataplane import DataPlane, InferResponse, TensorMetadata
 from sluice.monitoring.stats import Duration, InferStats
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import model_config_pb2 as mc
-from sluice.server import codec
+from sluice.server import codec, wire
 from sluice.server.edge import Undecodable, error_text
 
 # Responses not yet read by a stream's client, per stream: past this many the
@@ -168,9 +168,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -----------------------------------------------------------
 
-    async def _infer(
-        self, msg: pb.ModelInferRequest, time_remaining_s: float | None = None
-    ) -> pb.ModelInferResponse:
+    async def _respond(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> tuple[InferResponse, bool]:
+        """The data plane's response, and whether the request used raw contents.
+        The request's tensors are released when this returns (before encoding)."""
         received_ns = _core.monotonic_ns()
         try:
             request = codec.decode_request(msg, received_ns)
@@ -180,17 +184,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         if time_remaining_s is not None:
             request.deadline_ns = max(1, int(time_remaining_s * 1e9))
-        response = await self._dp.infer(request)
-        return codec.encode_response(response, raw=bool(msg.raw_input_contents))
+        return await self._dp.infer(request), bool(msg.raw_input_contents)
+
+    async def _infer(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> pb.ModelInferResponse:
+        response, raw = await self._respond(msg, time_remaining_s)
+        return codec.encode_response(response, raw)
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        self,
+        request: pb.ModelInferRequest | wire.InferRequestMessage,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelInferResponse | wire.InferResponseMessage:
+        # server/wire.py parses and serializes this RPC without copying tensors.
+        response, raw = await self._respond(request, context.time_remaining())
+        return codec.encode_response_for_wire(response, raw)
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable],
+        request_iterator: AsyncIterator[
+            pb.ModelInferRequest | wire.InferRequestMessage | Undecodable
+        ],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # Requests on one stream run concurrently; responses go back as they
@@ -200,7 +217,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         window = asyncio.Semaphore(STREAM_WINDOW)
         pending: set[asyncio.Task[None]] = set()
 
-        async def one(msg: pb.ModelInferRequest) -> None:
+        async def one(msg: pb.ModelInferRequest | wire.InferRequestMessage) -> None:
             try:
                 reply = pb.ModelStreamInferResponse(infer_response=await self._infer(msg))
             except asyncio.CancelledError:
