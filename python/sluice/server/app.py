@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 import sluice
 from sluice import defaults, limits
+from sluice.executors import attempt
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.limits import RequestLimits
 from sluice.monitoring.cost import CostModel
@@ -332,6 +334,7 @@ def run(options: ServerOptions) -> None:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         asyncio.run(serve(options))
+        _exit_past_abandoned_loads()
         return
     if sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -339,3 +342,22 @@ def run(options: ServerOptions) -> None:
     else:  # pragma: no cover
         uvloop.install()
         asyncio.run(serve(options))
+    _exit_past_abandoned_loads()
+
+
+def _exit_past_abandoned_loads() -> None:
+    """A load abandoned after its budget may still run in a thread (onnxruntime
+    cannot interrupt a session creation). Finalizing the interpreter under it
+    aborts the process (onnxruntime's globals are destroyed while that thread
+    uses them), so the server exits at once instead, with status 0: everything
+    it owns (ports, executors, models) is released by now."""
+    alive = attempt.abandoned_threads_alive()
+    if not alive:
+        return
+    log.warning(
+        "%d abandoned model load(s) still running in a thread; exiting without waiting", alive
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
