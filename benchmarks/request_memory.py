@@ -2,7 +2,8 @@
 
 Starts `sluice serve` on a one-model repository (identity over FP32 [-1] and
 BYTES [-1]), sends one request at a time of each size and encoding (raw FP32,
-typed FP32, raw BYTES of empty strings), and reads the server's peak RSS
+typed FP32, raw BYTES of empty strings, and raw FP32 for a model that does not
+exist: grpcio's own cost of receiving it), and reads the server's peak RSS
 (VmHWM, reset before the request through /proc/PID/clear_refs; Linux, root or
 the server's owner), on a fresh server per case. Also measures, in this process
 and side by side, the decode step alone: today's codec against the
