@@ -4,8 +4,10 @@ a fixed order (not ready -> stop accepting -> finish accepted -> unload)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 import sluice
 from sluice import defaults, limits
+from sluice.executors import attempt
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.limits import RequestLimits
 from sluice.monitoring.cost import CostModel
@@ -90,6 +93,8 @@ class ServerOptions:
     # gRPC frontend processes on the gRPC port (server/frontends.py). 1 serves
     # gRPC in this process; N > 1 starts N processes that forward to this one.
     frontends: int = 1
+    # A version whose load takes longer is UNAVAILABLE with the reason (0: no limit).
+    model_load_timeout_s: float = defaults.MODEL_LOAD_TIMEOUT_S
 
 
 class SluiceServer:
@@ -103,6 +108,7 @@ class SluiceServer:
             swap_policy=options.swap_policy,
             on_change=self._set_health,
             detailed_stats=options.allow_metrics,
+            load_timeout_s=options.model_load_timeout_s,
         )
         self._poller: asyncio.Task[None] | None = None
         self._ready = False
@@ -367,9 +373,20 @@ async def serve(options: ServerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    print(server.ready_banner(), flush=True)
-    await stop.wait()
+    # A stop during the initial load ends it: loads still running are abandoned
+    # (executors/attempt.py), so a model that hangs never holds the exit.
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failed start raises here
+        print(server.ready_banner(), flush=True)
+        await stopping
+    else:
+        log.info("stopping during the initial load")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
     log.info("stopping: finishing accepted requests (grace %.0fs)", options.grace_seconds)
     await server.stop()
     log.info("stopped")
@@ -381,6 +398,7 @@ def run(options: ServerOptions) -> None:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         asyncio.run(serve(options))
+        _exit_past_abandoned_loads()
         return
     if sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -388,3 +406,22 @@ def run(options: ServerOptions) -> None:
     else:  # pragma: no cover
         uvloop.install()
         asyncio.run(serve(options))
+    _exit_past_abandoned_loads()
+
+
+def _exit_past_abandoned_loads() -> None:
+    """A load abandoned after its budget may still run in a thread (onnxruntime
+    cannot interrupt a session creation). Finalizing the interpreter under it
+    aborts the process (onnxruntime's globals are destroyed while that thread
+    uses them), so the server exits at once instead, with status 0: everything
+    it owns (ports, executors, models) is released by now."""
+    alive = attempt.abandoned_threads_alive()
+    if not alive:
+        return
+    log.warning(
+        "%d abandoned model load(s) still running in a thread; exiting without waiting", alive
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

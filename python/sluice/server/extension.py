@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from sluice.errors import InvalidArgumentError
+from sluice.errors import InvalidArgumentError, shown
 from sluice.host.dataplane import (
     DataPlane,
     DriftReport,
@@ -103,7 +103,7 @@ def rollout_change(request: spb.SetRolloutRequest) -> RolloutChange:
             clear_shadow=request.clear_shadow,
         )
     except LabelsError as exc:
-        raise InvalidArgumentError(f"rollout for '{request.model_name}': {exc}") from None
+        raise InvalidArgumentError(f"rollout for '{shown(request.model_name)}': {exc}") from None
 
 
 def feedback_message(result: FeedbackResult) -> spb.FeedbackResponse:

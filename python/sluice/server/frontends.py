@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.server import frontend_wire as wire
+from sluice.server import wire as wire_codec
 from sluice.server.edge import UNEXPECTED, Undecodable
 from sluice.server.errors import as_sluice_error, grpc_status
 from sluice.server.extension import SluiceServicer
@@ -68,6 +69,11 @@ class _CallContext:
         return max(0.0, self._deadline - time.monotonic())
 
 
+def _serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
 def _failure(exc: BaseException) -> tuple[int, bytes]:
     error = as_sluice_error(exc)
     if error is None:
@@ -82,7 +88,7 @@ class Dispatcher:
 
     def __init__(self, inference: InferenceServicer, extension: SluiceServicer) -> None:
         self._inference = inference
-        self._methods: list[tuple[Any, Any] | None] = []
+        self._methods: list[tuple[Any, Any, Any] | None] = []
         servicers = {
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name: inference,
             spb.DESCRIPTOR.services_by_name["SluiceService"].full_name: extension,
@@ -98,14 +104,22 @@ class Dispatcher:
             module = modules[service.rsplit(".", 1)[0]]
             descriptor = module.DESCRIPTOR.services_by_name[service.rsplit(".", 1)[1]]
             request_type = getattr(module, descriptor.methods_by_name[name].input_type.name)
-            self._methods.append((request_type.FromString, getattr(servicer, name)))
+            # ModelInfer's tensors skip protobuf's copies, as in-process (server/wire.py).
+            parse, serialize = wire_codec.CODECS.get(path, (None, None))
+            self._methods.append(
+                (
+                    parse or request_type.FromString,
+                    getattr(servicer, name),
+                    serialize or _serialize,
+                )
+            )
 
     async def call(self, method: int, seconds: float, body: bytes) -> tuple[int, bytes]:
         entry = self._methods[method] if method < len(self._methods) else None
         if entry is None:
             name = wire.METHODS[method] if method < len(wire.METHODS) else f"method {method}"
             return _UNIMPLEMENTED, f"{name} is not implemented by sluice".encode()
-        parse, behavior = entry
+        parse, behavior, serialize = entry
         try:
             request = parse(body)
         except Exception as exc:  # protobuf's DecodeError and anything it raises
@@ -117,23 +131,23 @@ class Dispatcher:
             raise
         except Exception as exc:
             return _failure(exc)
-        return 0, response.SerializeToString()
+        return 0, serialize(response)
 
     async def stream_message(self, body: bytes) -> tuple[int, bytes]:
         """One ModelStreamInfer message: always a stream response (errors in-band)."""
         try:
-            request = pb.ModelInferRequest.FromString(body)
+            request = wire_codec.parse_infer_request(body)
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             reply = pb.ModelStreamInferResponse(error_message=Undecodable(reason).message())
             return 0, reply.SerializeToString()
         try:
-            response = await self._inference.infer_message(request)
+            response = await self._inference.infer_bytes(request)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             return 0, stream_error(request, exc).SerializeToString()
-        return 0, wire.stream_response_bytes(response.SerializeToString())
+        return 0, wire.stream_response_bytes(response)
 
 
 class FrontendConnection(wire.FrameProtocol):

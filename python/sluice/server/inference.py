@@ -13,13 +13,13 @@ import grpc
 from google.protobuf import json_format
 
 from sluice import _core
-from sluice.errors import InvalidArgumentError, SluiceError
-from sluice.host.dataplane import DataPlane, TensorMetadata
+from sluice.errors import InvalidArgumentError, SluiceError, shown
+from sluice.host.dataplane import DataPlane, InferResponse, TensorMetadata
 from sluice.monitoring.stats import Duration, InferStats
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import model_config_pb2 as mc
-from sluice.server import codec
+from sluice.server import codec, wire
 from sluice.server.edge import Undecodable, error_text
 from sluice.server.streaming import stream_replies, wants_request_order
 
@@ -41,8 +41,8 @@ def config_override(model_name: str, parameters: dict[str, str]) -> mc.ModelConf
                 json_format.Parse(text, override)
             except json_format.ParseError as exc:
                 raise InvalidArgumentError(
-                    f"the config override for model '{model_name}' is not a valid "
-                    f"JSON ModelConfig: {exc}"
+                    f"the config override for model '{shown(model_name)}' is not a valid "
+                    f"JSON ModelConfig: {shown(str(exc), 160)}"
                 ) from None
         elif key.startswith("file:"):
             raise InvalidArgumentError(
@@ -165,9 +165,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -----------------------------------------------------------
 
-    async def infer_message(
-        self, msg: pb.ModelInferRequest, time_remaining_s: float | None = None
-    ) -> pb.ModelInferResponse:
+    async def _respond(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> tuple[InferResponse, bool]:
+        """The data plane's response, and whether the request used raw contents.
+        The request's tensors are released when this returns (before encoding)."""
         received_ns = _core.monotonic_ns()
         try:
             request = codec.decode_request(msg, received_ns)
@@ -177,16 +181,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         if time_remaining_s is not None:
             request.deadline_ns = max(1, int(time_remaining_s * 1e9))
-        response = await self._dp.infer(request)
-        return codec.encode_response(response, raw=bool(msg.raw_input_contents))
+        return await self._dp.infer(request), bool(msg.raw_input_contents)
+
+    async def infer_message(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> pb.ModelInferResponse:
+        response, raw = await self._respond(msg, time_remaining_s)
+        return codec.encode_response(response, raw)
+
+    async def infer_bytes(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> bytes:
+        """The serialized response, written straight from the output arrays (the
+        frontend processes' path: the bytes travel on as they are)."""
+        response, raw = await self._respond(msg, time_remaining_s)
+        return wire.serialize_infer_response(codec.encode_response_for_wire(response, raw))
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await self.infer_message(request, context.time_remaining())
+        self,
+        request: pb.ModelInferRequest | wire.InferRequestMessage,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelInferResponse | wire.InferResponseMessage:
+        # server/wire.py parses and serializes this RPC without copying tensors.
+        response, raw = await self._respond(request, context.time_remaining())
+        return codec.encode_response_for_wire(response, raw)
 
     async def stream_reply(
-        self, msg: pb.ModelInferRequest | Undecodable
+        self, msg: pb.ModelInferRequest | wire.InferRequestMessage | Undecodable
     ) -> pb.ModelStreamInferResponse:
         """One stream message's reply: its response, or its error in-band."""
         if isinstance(msg, Undecodable):
@@ -200,7 +225,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable],
+        request_iterator: AsyncIterator[
+            pb.ModelInferRequest | wire.InferRequestMessage | Undecodable
+        ],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         ordered = wants_request_order(context.invocation_metadata())
@@ -208,7 +235,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             yield reply
 
 
-def stream_error(msg: pb.ModelInferRequest, exc: BaseException) -> pb.ModelStreamInferResponse:
+def stream_error(
+    msg: pb.ModelInferRequest | wire.InferRequestMessage, exc: BaseException
+) -> pb.ModelStreamInferResponse:
     """A failed stream message's reply: the error, with the request's id and model."""
     reply = pb.ModelStreamInferResponse(error_message=error_text(exc))
     reply.infer_response.id = msg.id

@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from sluice import defaults
 from sluice.limits import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -378,7 +379,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-inflight-per-model",
         type=int,
         default=RequestLimits.max_inflight_per_model,
-        help="requests of one model version in flight before RESOURCE_EXHAUSTED; 0 = no limit",
+        help="requests of one model (all its versions together) in flight before "
+        "RESOURCE_EXHAUSTED; 0 = no limit",
+    )
+    g.add_argument(
+        "--model-load-timeout-secs",
+        type=float,
+        default=defaults.MODEL_LOAD_TIMEOUT_S,
+        help="a model version whose load (session creation, warm-up) takes longer is "
+        "UNAVAILABLE with the reason and the server goes on; 0 = no limit",
     )
     g.add_argument("--http-timeout-secs", type=float, default=30.0, help="idle HTTP connection")
     g.add_argument(
@@ -414,6 +423,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     check_restrictions(http_restricted)
     if args.http_timeout_secs <= 0 or args.http_max_connections < 1:
         raise ValueError("--http-timeout-secs must be > 0 and --http-max-connections >= 1")
+    if not 0 <= args.model_load_timeout_secs < 1e9:
+        raise ValueError("--model-load-timeout-secs must be >= 0 (0: no limit)")
     return {
         "grpc_tls": _tls_from_args(args, "grpc"),
         "http_tls": _tls_from_args(args, "http"),
@@ -422,6 +433,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "reflection": args.reflection == "true",
         "http_idle_timeout_s": args.http_timeout_secs,
         "http_max_connections": args.http_max_connections,
+        "model_load_timeout_s": args.model_load_timeout_secs,
         "limits": RequestLimits(
             max_request_bytes=args.max_request_bytes,
             max_tensor_elements=args.max_tensor_elements,
