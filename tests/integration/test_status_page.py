@@ -25,6 +25,9 @@ import onnx_models
 import pytest
 import tritonclient.grpc as tc
 from conftest import ServerProcess, wait_until
+from sluice import cli
+from test_drift import REQUESTS, ROWS_PER_REQUEST, _copy_model, _reference, _shift, _wait_rows
+from test_drift import _traffic as _drift_traffic
 from test_errors import BROKEN_CONFIG, BROKEN_REASON
 from test_rollout import MODEL, healthy_rewrite, make_repo, metric, scaler
 from tritonclient.utils import InferenceServerException
@@ -68,11 +71,46 @@ def _get(server: ServerProcess, path: str, headers: dict[str, str] | None = None
         return str(response.read().decode())
 
 
-def _repository(root: Path) -> Path:
+DRIFTING = "drifting"
+
+
+def _repository(root: Path, profiled: bool = False) -> Path:
     make_repo(root, healthy_rewrite, CANARY_LABELS)
     onnx_models.build_add_sub(root / "broken" / "1" / "model.onnx")
     (root / "broken" / "config.pbtxt").write_text(BROKEN_CONFIG)
+    if profiled:  # the bundled classifier with a drift profile and an accuracy baseline
+        _copy_model(root, DRIFTING)
+        data = root.parent / "reference.npy"
+        np.save(data, _reference())
+        argv = ["profile", DRIFTING, "1", "--data", str(data), "--model-repository", str(root)]
+        assert cli.main(argv) == 0
+        (root / DRIFTING / "1" / "metadata.json").write_text(
+            json.dumps({"metrics": {"accuracy": 0.9}})
+        )
     return root
+
+
+def _drift_and_wrong_feedback(server: ServerProcess) -> None:
+    """Shifted features into the drifting model's window, then 40 requests whose
+    Feedback says every prediction was wrong."""
+    _drift_traffic(server.url, DRIFTING, _shift)
+    _wait_rows(server.url, DRIFTING, ROWS_PER_REQUEST * REQUESTS)
+    client = tc.InferenceServerClient(server.url)
+    x = np.zeros((1, 8), np.float32)
+    labels = []
+    for i in range(40):
+        inp = tc.InferInput("features", [1, 8], "FP32")
+        inp.set_data_from_numpy(x)
+        predicted = int(client.infer(DRIFTING, [inp], request_id=f"r{i}").as_numpy("label")[0, 0])
+        labels.append({"request_id": f"r{i}", "values": [(predicted + 1) % 3]})
+    client.close()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}/v2/models/{DRIFTING}/feedback",
+        data=json.dumps({"labels": labels}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read())["matched"] == 40
 
 
 def _traffic(server: ServerProcess, ok: int, bad: int) -> None:
@@ -105,8 +143,9 @@ def test_page_in_chromium_shows_a_degraded_model_and_a_canary(
     tmp_path: Path, start_server: Callable[..., ServerProcess], executor: str
 ) -> None:
     assert CHROMIUM is not None
-    server = start_server(_repository(tmp_path / "repo"))
+    server = start_server(_repository(tmp_path / "repo", profiled=True))
     _traffic(server, ok=120, bad=6)
+    _drift_and_wrong_feedback(server)
     screenshot = _artifacts(tmp_path) / f"status-page-{executor}.png"
     screenshot.unlink(missing_ok=True)
     argv = [
@@ -142,6 +181,11 @@ def test_page_in_chromium_shows_a_degraded_model_and_a_canary(
     rate_per_s, error_pct = float(row.group(1)), float(row.group(2))
     assert rate_per_s > 0
     assert 0 < error_pct < 50  # 6 refused of 126
+    # Drift and quality of the profiled model: shifted features, wrong predictions.
+    assert "DRIFT in" in text
+    assert "features[0]" in text
+    assert "not profiled" in text  # the scaler has no profile
+    assert "accuracy 0 over 40 labelled; DEGRADED" in text
     assert "/metrics" in text
     # The screenshot is a real PNG of a rendered page, not an empty canvas.
     data = screenshot.read_bytes()
