@@ -11,16 +11,14 @@ import math
 import pytest
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.stats import LATENCY_BUCKETS_S, InferStats
+from sluice.monitoring.window import Counts, Window, quantile_s
 from sluice.server.status_page import (
-    Counts,
     ModelStatus,
     PageData,
     RolloutStatus,
     ServerFacts,
     Traffic,
     VersionStatus,
-    Window,
-    quantile_s,
     render,
 )
 
