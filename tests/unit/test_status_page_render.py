@@ -59,12 +59,11 @@ def test_the_window_is_the_difference_from_a_minute_ago() -> None:
     _record(stats, 60, 0.02, batch=4)
     stats.record_failure(1000, RuntimeError("x"))
     window.add(Window.sample(60 * S, [(key, stats)]))
-    now = Window.sample(61 * S, [(key, stats)])
     # The base is the newest sample at least 60 s old (t=0), not t=30.
     base = window.base(61 * S)
     assert base is not None
     assert base.t_ns == 0
-    d = Window.delta(now, base, key)
+    d = Window.since(base, key, stats)
     assert (d.success, d.failed) == (90, 1)
     assert (d.executions, d.inferences) == (30 + 15, 90)
     t = Traffic(61.0, d, queued=3, inflight=0, detailed=True)
@@ -87,7 +86,7 @@ def test_a_reloaded_version_counts_from_its_own_start() -> None:
     window.add(Window.sample(0, [(key, old)]))
     new = InferStats()  # the version was reloaded: new, zeroed statistics
     _record(new, 7, 0.001)
-    d = Window.delta(Window.sample(70 * S, [(key, new)]), window.base(70 * S), key)
+    d = Window.since(window.base(70 * S), key, new)
     assert d.success == 7  # not 7 - 500
 
 

@@ -110,8 +110,9 @@ class Window:
         return chosen
 
     @staticmethod
-    def delta(now: Sample, base: Sample | None, key: Key) -> Counts:
-        stats, current = now.counts[key]
+    def since(base: Sample | None, key: Key, stats: InferStats) -> Counts:
+        """The counters of `stats` (the version `key`) now, less those in `base`."""
+        current = Counts.of(stats)
         before = base.counts.get(key) if base is not None else None
         if before is None or before[0] is not stats:
             return current  # loaded (or reloaded) since the base sample: all of it is new

@@ -35,7 +35,7 @@ from aiohttp import web
 from sluice import _core
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.stats import LATENCY_BUCKETS_S, InferStats
-from sluice.monitoring.window import Counts, Key, Window, quantile_s
+from sluice.monitoring.window import Counts, Key, Sample, Window, quantile_s
 from sluice.repository.registry import CANARY, SHADOW, STABLE
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ REFRESH_S = 5
 MIN_RENDER_INTERVAL_S = 1.0
 # Bounds the page (and a render's cost) on a repository with very many models.
 MAX_MODELS_SHOWN = 500
+COLLECT_SLICE = 10  # models read per turn of the event loop
 MAX_REASON_CHARS = 400
 MAX_NAMES_LISTED = 5
 DRIFT_REFRESH_S = 15.0
@@ -157,7 +158,8 @@ class PageData:
     models_total: int
     dashboard: bool
     unavailable: tuple[str, ...] = ()  # models that should serve and cannot
-    collect_s: float = 0.0  # time `collect` held the event loop
+    collect_s: float = 0.0  # time `collect` held the event loop, all slices
+    collect_longest_s: float = 0.0  # its longest slice
 
 
 def _model_versions(dp: DataPlane) -> Iterable[tuple[Key, InferStats]]:
@@ -218,57 +220,68 @@ def _rollout(model: Model) -> RolloutStatus | None:
     return RolloutStatus(labels.stable, canary, shadow, _guard(model))
 
 
-def collect(
+def _model_status(model: Model, base: Sample | None, span_s: float) -> ModelStatus:
+    versions = []
+    for v, mv in sorted(model.versions.items()):
+        scheduler = mv.scheduler
+        traffic = Traffic(
+            span_s,
+            Window.since(base, (model.name, v), mv.stats),
+            scheduler.queued_requests if scheduler is not None else 0,
+            mv.stats.inflight,
+            mv.stats.detailed,
+        )
+        reason = mv.reason
+        if v in model.failed_reloads:
+            reason = f"reload failed, the loaded one serves: {model.failed_reloads[v]}"
+        versions.append(
+            VersionStatus(
+                v,
+                mv.state.value,
+                reason,
+                tuple(model.labels.labels_of(v)),
+                traffic,
+                mv.stats.inference_count,
+                mv.stats.core_ns,
+                mv.drift,
+                mv.drift_reason,
+                _quality(mv),
+            )
+        )
+    ready = bool(model.ready_versions())
+    return ModelStatus(
+        model.name,
+        ready,
+        "" if ready else model.unavailable_reason(),
+        tuple(versions),
+        _rollout(model),
+    )
+
+
+async def collect(
     dp: DataPlane, facts: ServerFacts, window: Window, started_ns: int, dashboard: bool
 ) -> PageData:
     """Everything the page shows, read on the event loop (the owner of these
-    structures): copies of counters and labels, no I/O, no statistics."""
+    structures): copies of counters and labels, no I/O, no statistics. It
+    yields to the loop after every COLLECT_SLICE models, so a large repository
+    never holds the loop for long; each model is read whole within one slice."""
+    started_s = time.perf_counter()
+    busy_s = longest_s = 0.0
     now_ns = _core.monotonic_ns()
-    now = window.sample(now_ns, _model_versions(dp))
     base = window.base(now_ns)
     span_s = (now_ns - (base.t_ns if base is not None else started_ns)) * 1e-9
     names = sorted(dp.models.models)
     models = []
-    for name in names[:MAX_MODELS_SHOWN]:
-        model = dp.models.models[name]
-        versions = []
-        for v, mv in sorted(model.versions.items()):
-            scheduler = mv.scheduler
-            traffic = Traffic(
-                span_s,
-                Window.delta(now, base, (name, v)),
-                scheduler.queued_requests if scheduler is not None else 0,
-                mv.stats.inflight,
-                mv.stats.detailed,
-            )
-            reason = mv.reason
-            if v in model.failed_reloads:
-                reason = f"reload failed, the loaded one serves: {model.failed_reloads[v]}"
-            versions.append(
-                VersionStatus(
-                    v,
-                    mv.state.value,
-                    reason,
-                    tuple(model.labels.labels_of(v)),
-                    traffic,
-                    mv.stats.inference_count,
-                    mv.stats.core_ns,
-                    mv.drift,
-                    mv.drift_reason,
-                    _quality(mv),
-                )
-            )
-        ready = bool(model.ready_versions())
-        models.append(
-            ModelStatus(
-                name,
-                ready,
-                "" if ready else model.unavailable_reason(),
-                tuple(versions),
-                _rollout(model),
-            )
-        )
-    return PageData(
+    for i, name in enumerate(names[:MAX_MODELS_SHOWN]):
+        if i and i % COLLECT_SLICE == 0:
+            took_s = time.perf_counter() - started_s
+            busy_s, longest_s = busy_s + took_s, max(longest_s, took_s)
+            await asyncio.sleep(0)
+            started_s = time.perf_counter()
+        model = dp.models.models.get(name)
+        if model is not None:  # not removed meanwhile
+            models.append(_model_status(model, base, span_s))
+    data = PageData(
         facts,
         (now_ns - started_ns) * 1e-9,
         span_s,
@@ -277,6 +290,10 @@ def collect(
         len(names),
         dashboard,
         tuple(sorted(dp.models.unavailable())),
+    )
+    took_s = time.perf_counter() - started_s
+    return dataclasses.replace(
+        data, collect_s=busy_s + took_s, collect_longest_s=max(longest_s, took_s)
     )
 
 
@@ -476,7 +493,7 @@ def render(data: PageData, drift: DriftVerdicts | None = None) -> str:
     parts.append(
         f'<p class="muted" id="rendered">rendered at {e(wall_clock())} in {took_ms:.2f} ms '
         f"({cpu_ms:.2f} ms CPU on the render thread, {data.collect_s * 1e3:.2f} ms on the "
-        "event loop)</p></body></html>"
+        f"event loop, at most {data.collect_longest_s * 1e3:.2f} ms at a time)</p></body></html>"
     )
     return "\n".join(parts)
 
@@ -603,12 +620,10 @@ class StatusPage:
             self.window.add(Window.sample(_core.monotonic_ns(), _model_versions(self._dp)))
             await asyncio.sleep(self.window.period_s)
 
-    def collect(self) -> PageData:
-        started_s = time.perf_counter()
-        data = collect(
+    async def collect(self) -> PageData:
+        return await collect(
             self._dp, self._facts(), self.window, self._started_ns, self._dashboard is not None
         )
-        return dataclasses.replace(data, collect_s=time.perf_counter() - started_s)
 
     async def body(self) -> bytes:
         """The page, rendered at most once per MIN_RENDER_INTERVAL_S; concurrent
@@ -622,7 +637,7 @@ class StatusPage:
         return await asyncio.shield(self._rendering)
 
     async def _render(self) -> bytes:
-        data = self.collect()  # on the loop: copies only
+        data = await self.collect()  # on the loop: copies only
         loop = asyncio.get_running_loop()
         text = await loop.run_in_executor(self._pool, render, data, self._drift)
         page = text.encode()
