@@ -7,12 +7,19 @@ from __future__ import annotations
 import dataclasses
 import html.parser
 import math
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
+from sluice import cli, defaults
+from sluice import config as cfg
 from sluice.monitoring.cost import CostModel
+from sluice.monitoring.drift import create_monitor
 from sluice.monitoring.stats import LATENCY_BUCKETS_S, InferStats
 from sluice.monitoring.window import Counts, Window, quantile_s
 from sluice.server.status_page import (
+    DriftVerdicts,
     ModelStatus,
     PageData,
     RolloutStatus,
@@ -163,3 +170,37 @@ def test_cost_is_shown_per_thousand_inferences_when_priced() -> None:
     page = render(data)
     assert "$3.6" in page
     assert 'href="/metrics"' not in page  # --allow-metrics false: no link to nothing
+
+
+def test_drift_verdicts_are_reused_until_they_are_due(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(defaults.EXAMPLES / "tabular_classifier", repo / "tabular_classifier")
+    data = tmp_path / "reference.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, rng.standard_normal((2000, 8)).astype(np.float32))
+    argv = [
+        "profile",
+        "tabular_classifier",
+        "1",
+        "--data",
+        str(data),
+        "--model-repository",
+        str(repo),
+    ]
+    assert cli.main(argv) == 0
+    config, _ = cfg.read_config_file(repo / "tabular_classifier")
+    monitor = create_monitor(repo / "tabular_classifier" / "1", config, None)
+    assert monitor is not None
+    traffic = Traffic(60.0, Counts(), 0, 0, True)
+    v = VersionStatus(1, "READY", "", (), traffic, 0, 0, monitor, "", "")
+    cached, fresh = DriftVerdicts(refresh_s=3600), DriftVerdicts(refresh_s=0)
+    assert cached.of("m", v).startswith("too few rows yet (0 in the window)")
+    x = rng.standard_normal((1500, 8)).astype(np.float32)
+    x[:, 3] += 3.0  # three reference sigmas: drift
+    monitor.observe({"features": x}, [])
+    # Within its refresh period the verdict is the one already computed...
+    assert cached.of("m", v).startswith("too few rows yet")
+    # ...and once due it is computed again.
+    assert fresh.of("m", v).startswith("DRIFT in 1 of 8 features (features[3])")
+    cached.keep_only(set())
+    assert cached.of("m", v).startswith("DRIFT in")

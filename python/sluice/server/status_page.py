@@ -26,6 +26,7 @@ import html
 import importlib.resources
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -384,11 +385,14 @@ class DriftVerdicts:
     """Drift verdicts by version, recomputed at most every `refresh_s`: the
     statistics cost about 0.7 ms of CPU per profiled version (two tensors, on
     this project's 2-core VM), and a verdict moves with the window's panes
-    (10 s by default), not with every render. Render thread only."""
+    (10 s by default), not with every render. A version's first verdict is
+    dated a random part of `refresh_s` back, so refreshes spread over renders
+    instead of all falling due in the same one. Render thread only."""
 
     def __init__(self, refresh_s: float = DRIFT_REFRESH_S) -> None:
         self.refresh_ns = int(refresh_s * 1e9)
         self._verdicts: dict[Key, tuple[DriftMonitor, int, str]] = {}
+        self._rng = random.Random()
 
     def of(self, model: str, v: VersionStatus) -> str:
         monitor = v.drift_monitor
@@ -403,6 +407,8 @@ class DriftVerdicts:
             text = drift_summary(v)
         except Exception as exc:  # a window the core cannot evaluate must not lose the page
             text = f"cannot evaluate: {exc}"
+        if known is None and self.refresh_ns > 0:
+            now_ns -= self._rng.randrange(self.refresh_ns)
         self._verdicts[key] = (monitor, now_ns, text)
         return text
 
