@@ -204,3 +204,12 @@ def test_drift_verdicts_are_reused_until_they_are_due(tmp_path: Path) -> None:
     assert fresh.of("m", v).startswith("DRIFT in 1 of 8 features (features[3])")
     cached.keep_only(set())
     assert cached.of("m", v).startswith("DRIFT in")
+
+
+def test_ports_name_the_frontend_processes() -> None:
+    data = _page("m", "", "")
+    assert "frontend processes" not in render(data)
+    two = dataclasses.replace(data.facts, grpc_port=8001, frontends=2)
+    assert "gRPC 127.0.0.1:8001 (2 frontend processes)" in render(
+        dataclasses.replace(data, facts=two)
+    )

@@ -219,7 +219,13 @@ class SluiceServer:
     def _status_facts(self) -> ServerFacts:
         o = self.options
         return ServerFacts(
-            sluice.__version__, o.host, self.grpc_port, self.http_port, o.allow_metrics, o.cost
+            sluice.__version__,
+            o.host,
+            self.grpc_port,
+            self.http_port,
+            o.allow_metrics,
+            o.cost,
+            o.frontends,
         )
 
     def _version_views(self) -> Iterator[VersionView]:

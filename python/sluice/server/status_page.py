@@ -37,7 +37,7 @@ from sluice import _core
 from sluice.monitoring.cost import CostModel
 from sluice.monitoring.stats import LATENCY_BUCKETS_S, InferStats
 from sluice.monitoring.window import Counts, Key, Sample, Window, quantile_s
-from sluice.repository.registry import CANARY, SHADOW, STABLE
+from sluice.repository.registry.labels import CANARY, SHADOW, STABLE
 
 if TYPE_CHECKING:
     from sluice.host.dataplane import DataPlane
@@ -73,6 +73,7 @@ class ServerFacts:
     http_port: int
     metrics: bool  # /metrics is served (--allow-metrics)
     cost: CostModel
+    frontends: int = 1  # gRPC frontend processes (--frontends)
 
 
 # ---- what a render shows (plain data, collected on the loop) ---------------------------
@@ -476,7 +477,8 @@ def render(data: PageData, drift: DriftVerdicts | None = None) -> str:
         f"<h1>sluice {e(f.version)}: {state}</h1>",
         '<p class="facts">',
         f"<span>uptime {e(_duration(data.uptime_s))}</span>",
-        f"<span>gRPC {e(f.host)}:{e(f.grpc_port or 'not listening yet')}</span>",
+        f"<span>gRPC {e(f.host)}:{e(f.grpc_port or 'not listening yet')}"
+        f"{e(f' ({f.frontends} frontend processes)' if f.frontends > 1 else '')}</span>",
         f"<span>HTTP {e(f.host)}:{e(f.http_port)}</span>",
         f"<span>{e(len(data.models))} of {e(data.models_total)} models shown</span>",
         "</p>",
