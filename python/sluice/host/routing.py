@@ -140,7 +140,11 @@ class Router:
         )
         kind = reason.split(" ", 1)[0]  # "error", "p99", "outputs"
         canary.stats.rollbacks[kind] = canary.stats.rollbacks.get(kind, 0) + 1
-        model.labels = dataclasses.replace(model.labels, canary=None)  # routing changes now
+        # Routing changes now; the history entry matches what labels.json will say
+        # (the status page shows it as the last guard decision).
+        model.labels = dataclasses.replace(model.labels, canary=None).record(
+            CANARY, canary.version, "auto-rollback", reason
+        )
         model.guard = None
         version = canary.version
 

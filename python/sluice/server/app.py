@@ -39,6 +39,7 @@ from sluice.server.ports import ensure_free
 from sluice.server.rest import IDLE_TIMEOUT_S as HTTP_IDLE_TIMEOUT_S
 from sluice.server.rest import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from sluice.server.rest import RestLimits, RestServer
+from sluice.server.status_page import ServerFacts, StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class SluiceServer:
             ),
             tls=security.ReloadingSslContext(options.http_tls) if options.http_tls else None,
             restricted=options.http_restricted,
+            status=StatusPage(self.dataplane, self._status_facts),
         )
         for warning in security.exposure_warnings(
             options.host, options.grpc_tls, options.http_tls, options.grpc_restricted
@@ -219,6 +221,18 @@ class SluiceServer:
         if not self._ready:
             return False
         return not (self.options.strict_readiness and self.models.unavailable())
+
+    def _status_facts(self) -> ServerFacts:
+        o = self.options
+        return ServerFacts(
+            sluice.__version__,
+            o.host,
+            self.grpc_port,
+            self.http_port,
+            o.allow_metrics,
+            o.cost,
+            o.frontends,
+        )
 
     def _version_views(self) -> Iterator[VersionView]:
         for m in list(self.models.models.values()):

@@ -39,6 +39,7 @@ from sluice.server.extension import (
 )
 from sluice.server.inference import config_override, statistics_message
 from sluice.server.security import ReloadingSslContext, Restriction, http_refusal
+from sluice.server.status_page import StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,10 @@ class RestServer:
         *,
         tls: ReloadingSslContext | None = None,
         restricted: Sequence[Restriction] = (),
+        status: StatusPage | None = None,
     ) -> None:
         self._dp = dataplane
+        self._status = status
         self._tls = tls
         self._restricted = tuple(restricted)
         self._registry = registry
@@ -192,6 +195,8 @@ class RestServer:
         r.add_post("/v2/models/{model}/rollout", self._set_rollout)
         if self._registry is not None:
             r.add_get("/metrics", self._metrics)
+        if self._status is not None:
+            self._status.register(app)  # / and /status
         return app
 
     async def start(self) -> None:

@@ -174,7 +174,10 @@ GRPC_GROUPS: dict[str, frozenset[str]] = {
 }
 HTTP_GROUPS: dict[str, frozenset[str]] = {
     "health": frozenset({"/v2/health/live", "/v2/health/ready"}),
-    "metrics": frozenset({"/metrics"}),
+    # The status page (server/status_page.py) shows what /metrics exports (states,
+    # rates, latency, rollouts, drift, cost) plus load failure reasons: whoever may
+    # not scrape may not read it either.
+    "metrics": frozenset({"/metrics", "/", "/status", "/status/grafana-dashboard.json"}),
 }
 
 
