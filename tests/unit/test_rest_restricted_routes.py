@@ -87,3 +87,16 @@ def test_unknown_group_is_refused_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown group") as info:
         parse_restriction("inferences:k=v", HTTP_GROUPS)
     assert "model-repository" in str(info.value)
+
+
+def test_start_up_warning_names_rest_management_left_open() -> None:
+    from sluice.server.security import exposure_warnings
+
+    def rest_warning(*restricted: str) -> bool:
+        rules = [parse_restriction(r, HTTP_GROUPS) for r in restricted]
+        return any("over REST" in w for w in exposure_warnings("0.0.0.0", None, None, (), rules))
+
+    assert rest_warning()
+    assert rest_warning("inference:k=v")
+    assert not rest_warning("model-repository,inference:k=v")
+    assert exposure_warnings("127.0.0.1", None, None, (), ()) == []
