@@ -192,6 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--measurement-interval", type=int, default=4000, help="ms per window")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--rounds", type=int, default=1, help="passes over the modes, interleaved")
+    p.add_argument(
+        "--retry-stability-pct",
+        type=int,
+        default=batching.RETRY_STABILITY_PCT,
+        help="perf_analyzer's second attempt (on mean latency) accepts windows this far apart; "
+        "recorded per row",
+    )
     p.add_argument("--repo", type=Path, default=harness.DEFAULT_MODEL_REPO)
     p.add_argument("--no-build", action="store_true", help="use --repo as it is")
     p.add_argument(
@@ -247,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 assert server.proc is not None
                 url = urls[f"{m.server}/grpc"] if m.protocol == "grpc" else urls[m.server]
                 pa_args = batching.pa_settings(args.measurement_interval)
+                pa_args.retry_stability_pct = args.retry_stability_pct
                 # A later -i overrides batching's "-i grpc".
                 pa_args.pa_args = f"{m.pa_args} --input-data {input_data}"
                 run = batching.Run(
@@ -277,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "server_cpu_us_per_inference": (
                         1e6 * (cpu1 - cpu0) / served if served else None
                     ),
+                    "attempts": run.attempts,
+                    "stability_pct": run.stability_pct,
+                    "stabilised_on": run.stabilised_on,
                     "loadavg_before": loadavg,
                 }
                 rows.append(row)
