@@ -345,15 +345,17 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
+    """Means over the rounds that succeeded (ok/runs)."""
     f = harness.fmt
     items = summary(rows)
     grpc = next((s["throughput"] for s in items if s["mode"] == "grpc"), None)
     return harness.markdown_table(
-        ["mode", "server", "infer/s", "vs grpc", "p50 us", "p99 us", "server CPU us/inf"],
+        ["mode", "server", "ok/runs", "infer/s", "vs grpc", "p50 us", "p99 us", "CPU us/inf"],
         [
             [
                 s["mode"],
                 s["server"],
+                f"{s['ok']}/{s['runs']}",
                 f(s["throughput"], ".0f", "-") if s["ok"] else "failed",
                 f(s["throughput"] / grpc if grpc and s["throughput"] else None, ".2f", "-"),
                 f(s["p50_us"], ".0f", "-"),
@@ -362,7 +364,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             ]
             for s in items
         ],
-        align="llrrrrr",
+        align="llrrrrrr",
     )
 
 
