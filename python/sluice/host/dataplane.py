@@ -18,12 +18,18 @@ from typing import Any
 import numpy as np
 
 from sluice import _core, datatypes, limits
-from sluice.errors import InvalidArgumentError, NotFoundError, SluiceError, UnavailableError
+from sluice.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    SluiceError,
+    UnavailableError,
+    shown,
+)
 from sluice.host.lifecycle import IndexEntry, ModelManager, ModelVersion
 from sluice.host.routing import Route
 from sluice.monitoring.stats import InferStats
 from sluice.proto import model_config_pb2 as mc
-from sluice.repository.registry import Canary, Labels, LabelsError, Shadow, read_labels
+from sluice.repository.registry.labels import Canary, Labels, LabelsError, Shadow, read_labels
 from sluice.repository.rollout import outputs_agree
 
 Array = np.ndarray[Any, Any]
@@ -221,7 +227,7 @@ class DataPlane:
             versions = [v for m in self.models.models.values() for v in m.versions.values()]
         versions = [v for v in versions if v.ready]
         if name and not versions:
-            raise NotFoundError(f"requested model '{name}' is not available")
+            raise NotFoundError(f"requested model '{shown(name)}' is not available")
         return [VersionStatistics(v.name, str(v.version), v.stats) for v in versions]
 
     # ---- repository (Triton's model_repository extension) ----------------------
@@ -266,7 +272,7 @@ class DataPlane:
                 elif change.shadow is not None:
                     updated = dataclasses.replace(updated, shadow=change.shadow)
             except LabelsError as exc:
-                raise InvalidArgumentError(f"rollout for '{name}': {exc}") from None
+                raise InvalidArgumentError(f"rollout for '{shown(name)}': {exc}") from None
             return updated
 
         return await self.models.change_labels(name, apply)
@@ -297,7 +303,7 @@ class DataPlane:
         if version:
             mv = model.versions.get(version)
             if mv is None:
-                raise NotFoundError(f"model '{name}' has no loaded version {version}")
+                raise NotFoundError(f"model '{shown(name)}' has no loaded version {version}")
             monitors = [mv.drift] if mv.drift is not None else []
         else:
             monitors = [v.drift for _, v in sorted(model.versions.items()) if v.drift is not None]
@@ -361,9 +367,14 @@ class DataPlane:
         the requested outputs by name. Counts the outcome in `mv`'s statistics."""
         submitted = _core.monotonic_ns()
         received = request.received_ns or submitted
+        # --max-inflight-per-model counts every version of the model together.
+        owner = self.models.models.get(mv.name)
         mv.stats.inflight += 1
+        if owner is not None:
+            owner.inflight += 1
         try:
-            limits.current().check_inflight(mv.stats.inflight - 1, mv.name)
+            inflight = owner.inflight if owner is not None else mv.stats.inflight
+            limits.current().check_inflight(inflight - 1, mv.name)
             feeds, rows = self._validate_inputs(mv, request)
             output_names = self._output_names(mv, request)
             scheduler = mv.scheduler
@@ -386,6 +397,8 @@ class DataPlane:
             raise
         finally:
             mv.stats.inflight -= 1
+            if owner is not None:
+                owner.inflight -= 1
         # As Triton's: the phases cover the scheduler and the model; the hop back
         # to the loop is in request_ns only (perf_analyzer shows it as overhead).
         mv.stats.record_request(
@@ -482,12 +495,13 @@ class DataPlane:
                 # Not the client's name: labels must not grow with what clients send.
                 mv.stats.count_schema_skew("(unknown)", "name")
                 raise InvalidArgumentError(
-                    f"unexpected inference input '{inp.name}' for model '{model}'; it expects "
+                    f"unexpected inference input '{shown(inp.name)}' for model '{model}'; it "
+                    "expects "
                     f"{', '.join(repr(n) for n in declared)}"
                 )
             if inp.name in given:
                 raise InvalidArgumentError(
-                    f"input '{inp.name}' appears twice in the request for model '{model}'"
+                    f"input '{shown(inp.name)}' appears twice in the request for model '{model}'"
                 )
             given[inp.name] = inp
         missing = [n for n, t in declared.items() if n not in given and not t.optional]
@@ -507,7 +521,7 @@ class DataPlane:
             if inp.datatype != want:
                 mv.stats.count_schema_skew(name, "datatype")
                 raise InvalidArgumentError(
-                    f"inference input '{name}' data-type is '{inp.datatype}', but model "
+                    f"inference input '{name}' data-type is '{shown(inp.datatype)}', but model "
                     f"'{model}' expects '{want}'"
                 )
             dims = list(t.dims)
@@ -558,7 +572,7 @@ class DataPlane:
         for name in request.outputs:
             if name not in known:
                 raise InvalidArgumentError(
-                    f"unexpected inference output '{name}' for model '{mv.name}'; it has "
+                    f"unexpected inference output '{shown(name)}' for model '{mv.name}'; it has "
                     f"{', '.join(repr(n) for n in known)}"
                 )
         return list(request.outputs)

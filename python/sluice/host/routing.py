@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sluice.repository.registry import CANARY, Labels, update_labels
+from sluice.repository.registry.labels import CANARY, Labels, update_labels
 from sluice.repository.rollout import CanaryGuard, GuardLimits, pick_canary
 
 if TYPE_CHECKING:

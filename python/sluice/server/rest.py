@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from sluice import _core
-from sluice.errors import InvalidArgumentError, SluiceError
+from sluice.errors import InvalidArgumentError, SluiceError, public_message, shown
 from sluice.host.dataplane import DataPlane, FeedbackLabel, TensorMetadata
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import sluice_service_pb2 as spb
@@ -97,7 +97,7 @@ async def _error_edge(request: web.Request, handler: Handler) -> web.StreamRespo
         if error is None:
             UNEXPECTED.error(f"unexpected error in {request.method} {request.path}", exc)
             return _error(f"internal error: {type(exc).__name__}", 500)
-        return _error(error.message, http_status(error))
+        return _error(public_message(error.message), http_status(error))
 
 
 class _Refuse(asyncio.Protocol):
@@ -396,7 +396,7 @@ class RestServer:
         if not text:
             return 0
         if not text.isdigit() or len(text) > 18:
-            raise InvalidArgumentError(f"version must be a positive integer, got {text!r}")
+            raise InvalidArgumentError(f"version must be a positive integer, got '{shown(text)}'")
         return int(text)
 
     async def _drift(self, request: web.Request) -> web.Response:
