@@ -115,8 +115,10 @@ class KServeValidator:
     def _check_core(self, value: Any, kind: str, path: str, errors: list[str]) -> None:
         """A Kubernetes core/v1 object embedded in a KServe one (Container, ...)."""
         pod_spec = {"containers": [value]}
+        port_spec = {"containers": [{"name": "check", "ports": [value]}]}
         wrappers: dict[str, dict[str, Any]] = {
             "Container": {"kind": "Pod", "metadata": {"name": "check"}, "spec": pod_spec},
+            "ContainerPort": {"kind": "Pod", "metadata": {"name": "check"}, "spec": port_spec},
             "ObjectMeta": {"kind": "ConfigMap", "metadata": value},
         }
         if kind not in wrappers:

@@ -10,12 +10,14 @@ cannot see.
 - The drain budget adds up: terminationGracePeriodSeconds covers preStop +
   --drain-delay-secs + --grace-seconds.
 - Each probe is run against a real `sluice serve` started with the manifest's
-  flags, and the HPA's custom metric is scraped from its /metrics.
+  flags, and the HPA's custom metric is scraped from its /metrics; the KServe
+  runtime's readiness path and its v2 REST and gRPC endpoints answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -166,8 +168,11 @@ def test_kserve_validator_catches_errors(kserve_validator: Any) -> None:
     assert any("containers" in e for e in kserve_validator.validate(runtime))
     isvc = one(load(KSERVE / "inferenceservice.yaml"), "InferenceService")
     isvc["spec"]["predictor"]["minReplicas"] = "one"
+    isvc["spec"]["predictor"]["model"]["ports"][0]["containerPort"] = "h2c"
     errors = kserve_validator.validate(isvc)
-    assert errors == ["InferenceService.spec.predictor.minReplicas: 'one' is not int"]
+    assert errors[0] == "InferenceService.spec.predictor.minReplicas: 'one' is not int"
+    assert errors[1].startswith("InferenceService.spec.predictor.model.ports[0]: "), errors
+    assert len(errors) == 2, errors
 
 
 # ---- what a schema cannot see ----------------------------------------------------
@@ -249,6 +254,10 @@ def test_gpu_overlay() -> None:
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
 
 
+def kserve_services() -> list[Doc]:
+    return [d for f in sorted(KSERVE.glob("inferenceservice*.yaml")) for d in load(f)]
+
+
 def test_kserve_runtime_maps_storage_onto_the_repository_layout() -> None:
     runtime = one(load(KSERVE / "servingruntime.yaml"), "ClusterServingRuntime")
     spec = runtime["spec"]
@@ -256,18 +265,42 @@ def test_kserve_runtime_maps_storage_onto_the_repository_layout() -> None:
     args = serve_args(c)
     # KServe's storage initializer downloads storageUri into /mnt/models.
     assert args.model_repository == "/mnt/models"
-    assert ports(c) == {"h2c": args.grpc_port}
-    assert c["readinessProbe"]["grpc"]["port"] == args.grpc_port
     assert int(spec["annotations"]["prometheus.kserve.io/port"]) == args.http_port
     assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
-    assert spec["protocolVersions"] == ["grpc-v2"]  # sluice has no v2 REST inference
     formats = {f["name"] for f in spec["supportedModelFormats"]}
-    isvc = one(load(KSERVE / "inferenceservice.yaml"), "InferenceService")
-    model = isvc["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"]
     assert formats == {"onnx"}
-    assert model["modelFormat"]["name"] in formats
-    assert model["protocolVersion"] in spec["protocolVersions"]
+    for isvc in kserve_services():
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"]
+        assert model["modelFormat"]["name"] in formats
+        assert model["protocolVersion"] in spec["protocolVersions"]
+
+
+# KServe and Knative route an InferenceService to this port when none is named.
+KSERVE_DEFAULT_PORT = 8080
+
+
+def test_kserve_runtime_serves_v2_over_http_and_grpc() -> None:
+    runtime = one(load(KSERVE / "servingruntime.yaml"), "ClusterServingRuntime")
+    spec = runtime["spec"]
+    c = spec["containers"][0]
+    args = serve_args(c)
+    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
+    # No port here: KServe merges an InferenceService's ports into the runtime's
+    # (by containerPort) and Knative serves one port, so each service names its own.
+    assert "ports" not in c
+    assert args.http_port == KSERVE_DEFAULT_PORT  # no port named: v2 REST
+    probe = c["readinessProbe"]["httpGet"]
+    assert (probe["port"], probe["path"]) == (args.http_port, "/v2/health/ready")
+    # One InferenceService per protocol, each naming the port Knative routes to.
+    wanted = {"v2": ("http1", args.http_port), "grpc-v2": ("h2c", args.grpc_port)}
+    seen = set()
+    for isvc in kserve_services():
+        model = isvc["spec"]["predictor"]["model"]
+        protocol = model["protocolVersion"]
+        assert ports(model) == dict([wanted[protocol]]), isvc["metadata"]["name"]
+        seen.add(protocol)
+    assert seen == set(wanted)
 
 
 def test_adapter_rules_query_real_metric_names() -> None:
@@ -320,7 +353,24 @@ def test_probes_and_metrics_answer_on_a_real_server(start_server: Any) -> None:
         name = re.match(r"[a-z_:]+", rule["seriesQuery"].strip("'"))
         assert name is not None
         assert re.search(rf"^{name.group(0)}\{{", metrics, re.M), name.group(0)
+
+
+def test_kserve_runtime_paths_answer_on_a_real_server(start_server: Any) -> None:
+    """The runtime's readiness probe, and the v2 REST and gRPC paths its two
+    InferenceServices route to, on a server started with the runtime's flags."""
     runtime = one(load(KSERVE / "servingruntime.yaml"), "ClusterServingRuntime")
     kc = runtime["spec"]["containers"][0]
-    status = grpc_health(server.grpc_port, kc["readinessProbe"]["grpc"].get("service", ""))
-    assert status == health_pb2.HealthCheckResponse.SERVING
+    server = start_server(None, *local_args(kc))
+    http = f"http://127.0.0.1:{server.http_port}"
+    with urllib.request.urlopen(http + kc["readinessProbe"]["httpGet"]["path"], timeout=10) as r:
+        assert r.status == 200
+    body = json.dumps(
+        {"inputs": [{"name": "features", "shape": [1, 8], "datatype": "FP32", "data": [0] * 8}]}
+    ).encode()
+    request = urllib.request.Request(
+        http + "/v2/models/tabular_classifier/infer", data=body, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.status == 200
+        assert json.loads(r.read())["model_name"] == "tabular_classifier"
+    assert grpc_health(server.grpc_port, "") == health_pb2.HealthCheckResponse.SERVING

@@ -200,7 +200,11 @@ class SluiceServer:
             status=StatusPage(self.dataplane, self._status_facts),
         )
         for warning in security.exposure_warnings(
-            options.host, options.grpc_tls, options.http_tls, options.grpc_restricted
+            options.host,
+            options.grpc_tls,
+            options.http_tls,
+            options.grpc_restricted,
+            options.http_restricted,
         ):
             log.warning("SECURITY: %s", warning)
         self.http_port = self._rest.port

@@ -38,7 +38,7 @@ from sluice.server.extension import (
     rollout_message,
 )
 from sluice.server.inference import config_override, statistics_message
-from sluice.server.security import ReloadingSslContext, Restriction, http_refusal
+from sluice.server.security import HttpRestrictions, ReloadingSslContext, Restriction
 from sluice.server.status_page import StatusPage
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class RestServer:
         self._dp = dataplane
         self._status = status
         self._tls = tls
-        self._restricted = tuple(restricted)
+        self._restricted = HttpRestrictions(restricted)
         self._registry = registry
         self._limits = limits
         # One thread renders /metrics, so a scrape never runs on the loop
@@ -247,12 +247,18 @@ class RestServer:
 
     @web.middleware
     async def _restriction(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Restricted API groups (issue 15): a request without the group's header
-        gets 403 (the header names are lower case, as http_refusal expects)."""
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        refusal = http_refusal(self._restricted, request.path, headers)
+        """Restricted API groups (security.HTTP_GROUPS): a request to a guarded
+        route without the group's header value gets Triton's answer, 403 with
+        `{"error": "This API is restricted, expecting header '<header>'"}`,
+        before its method or body is looked at (as Triton checks first)."""
+        refusal = self._restricted.refusal(
+            request.match_info.route.resource.canonical
+            if request.match_info.route.resource is not None
+            else "",
+            request.headers,
+        )
         if refusal is not None:
-            return web.Response(status=403, text=refusal + "\n")
+            return _error(refusal, 403)
         return await handler(request)
 
     async def _body(self, request: web.Request) -> bytes:

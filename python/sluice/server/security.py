@@ -172,8 +172,34 @@ GRPC_GROUPS: dict[str, frozenset[str]] = {
     "trace": frozenset({"TraceSetting"}),
     "logging": frozenset({"LogSettings"}),
 }
+# The REST routes (aiohttp's canonical path of the matched route) of each group,
+# the same groups as GRPC_GROUPS and as Triton's HTTP server assigns them: model
+# readiness is `health`, /config is `model-config`, drift is `statistics` (as
+# DriftReport), feedback and rollout are `model-repository` (as their RPCs).
+# sluice does not serve shared memory, trace or logging over REST (404); the
+# groups are accepted so that one flag value fits both ports. `metrics` is
+# sluice's own: Triton serves /metrics on a port without restrictions.
+_MODEL = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
 HTTP_GROUPS: dict[str, frozenset[str]] = {
-    "health": frozenset({"/v2/health/live", "/v2/health/ready"}),
+    "health": frozenset({"/v2/health/live", "/v2/health/ready", *(m + "/ready" for m in _MODEL)}),
+    "metadata": frozenset({"/v2", *_MODEL}),
+    "inference": frozenset(m + "/infer" for m in _MODEL),
+    "shared-memory": frozenset(),
+    "model-config": frozenset(m + "/config" for m in _MODEL),
+    "model-repository": frozenset(
+        {
+            "/v2/repository/index",
+            "/v2/repository/models/{model}/load",
+            "/v2/repository/models/{model}/unload",
+            "/v2/models/{model}/rollout",
+            *(m + "/feedback" for m in _MODEL),
+        }
+    ),
+    "statistics": frozenset(
+        {"/v2/models/stats", *(m + "/stats" for m in _MODEL), *(m + "/drift" for m in _MODEL)}
+    ),
+    "trace": frozenset(),
+    "logging": frozenset(),
     # The status page (server/status_page.py) shows what /metrics exports (states,
     # rates, latency, rollouts, drift, cost) plus load failure reasons: whoever may
     # not scrape may not read it either.
@@ -266,15 +292,30 @@ def _refusing(handler: grpc.RpcMethodHandler | None, header: str) -> grpc.RpcMet
     return grpc.unary_unary_rpc_method_handler(unary, deserializer, serializer)
 
 
-def http_refusal(
-    restrictions: Iterable[Restriction], path: str, headers: Mapping[str, str]
-) -> str | None:
-    """The refusal message for an HTTP path, or None when it may pass.
-    `headers` are keyed lower case."""
-    for r in restrictions:
-        if any(path in HTTP_GROUPS[g] for g in r.groups) and headers.get(r.header) != r.value:
-            return f"This API is restricted, expecting header '{r.header}'"
-    return None
+class HttpRestrictions:
+    """The HTTP side of RestrictedApiInterceptor: which rule, if any, guards a
+    route. Routes are aiohttp's canonical paths (HTTP_GROUPS); a path that
+    matches no route is not guarded (it answers 404 as without restrictions,
+    as Triton does)."""
+
+    def __init__(self, restrictions: Iterable[Restriction]) -> None:
+        self._by_route: dict[str, Restriction] = {}
+        for r in restrictions:
+            for group in r.groups:
+                for route in HTTP_GROUPS[group]:
+                    self._by_route[route] = r
+
+    def __bool__(self) -> bool:
+        return bool(self._by_route)
+
+    def refusal(self, route: str, headers: Mapping[str, str]) -> str | None:
+        """Triton's refusal message for `route`, or None when it may pass.
+        `headers` must look names up case-insensitively (aiohttp's are); a
+        header sent twice counts by its first value, as in Triton."""
+        rule = self._by_route.get(route)
+        if rule is None or headers.get(rule.header) == rule.value:
+            return None
+        return f"This API is restricted, expecting header '{rule.header}'"
 
 
 def is_loopback(host: str) -> bool:
@@ -291,9 +332,11 @@ def exposure_warnings(
     grpc_tls: TlsOptions | None,
     http_tls: TlsOptions | None,
     grpc_restricted: Iterable[Restriction],
+    http_restricted: Iterable[Restriction] | None = None,
 ) -> list[str]:
     """What an operator must hear at start: a non-loopback address served in the
-    clear, or with management open to anyone who can connect."""
+    clear, or with management open to anyone who can connect (on either port;
+    `http_restricted` None: the HTTP port is not considered)."""
     if is_loopback(host):
         return []
     out = []
@@ -310,6 +353,12 @@ def exposure_warnings(
         )
     if http_tls is None:
         out.append(f"HTTP listens on {host} WITHOUT TLS (--http-use-ssl)")
+    http_groups = set().union(*(r.groups for r in http_restricted or ()))
+    if http_restricted is not None and "model-repository" not in http_groups:
+        out.append(
+            f"model management over REST (load/unload, rollout, feedback) is open to "
+            f"anyone who reaches {host} (--http-restricted-api=model-repository:<header>=<value>)"
+        )
     return out
 
 
