@@ -11,6 +11,7 @@ import uvloop
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
+from sluice.monitoring.cost import CostModel
 from sluice.runtime import RuntimeOptions
 from sluice.server.rest import RestLimits, RestServer
 from sluice.server.security import (
@@ -20,16 +21,25 @@ from sluice.server.security import (
     Restriction,
     parse_restriction,
 )
+from sluice.server.status_page import ServerFacts, StatusPage
 
 
 def _routes(tmp_path: Path) -> set[str]:
     """The canonical paths of the routes a real RestServer registers (with
-    /metrics, as when metrics are on)."""
+    /metrics and the status page, as sluice serve builds it)."""
 
     async def main() -> set[str]:
         models = ModelManager(tmp_path, ExecutorLoader(RuntimeOptions()))
         dataplane = DataPlane(models, server_name="t", server_version="0", is_ready=lambda: True)
-        server = RestServer(dataplane, "127.0.0.1", 0, CollectorRegistry(), RestLimits())
+        facts = ServerFacts("0", "127.0.0.1", 0, 0, metrics=True, cost=CostModel())
+        server = RestServer(
+            dataplane,
+            "127.0.0.1",
+            0,
+            CollectorRegistry(),
+            RestLimits(),
+            status=StatusPage(dataplane, lambda: facts),
+        )
         await server.start()
         try:
             return {r.resource.canonical for r in server._app.router.routes() if r.resource}
