@@ -88,7 +88,9 @@ class Executor(Protocol):
         """On the loop thread, once the version is about to serve."""
 
     def notify_enqueued(self) -> None:
-        """On the loop thread, after each successful enqueue."""
+        """On the loop thread, after a successful enqueue that may change the
+        batcher's decision (the batcher says which; a request that only joins a
+        run waiting for its delay does not call this)."""
 
     @property
     def restarts(self) -> int:

@@ -111,7 +111,9 @@ class Scheduler:
         binds = force and timeout == deadline_ns
         self._tickets[ticket_id] = Ticket(future, feeds, rows, binds)
         try:
-            self.batcher.enqueue(
+            # False when the request cannot change the batcher's decision (it
+            # joins a run that waits for its delay): no executor needs to look.
+            changed = self.batcher.enqueue(
                 ticket_id, rows, shape_key & 0xFFFF_FFFF_FFFF_FFFF, priority, timeout, force
             )
         except _core.StatusError as exc:
@@ -123,7 +125,8 @@ class Scheduler:
             del self._tickets[ticket_id]
             raise
         try:
-            self.executor.notify_enqueued()
+            if changed:
+                self.executor.notify_enqueued()
         except Exception as exc:
             # A broken executor must not strand the request in the queue.
             if self.batcher.cancel(ticket_id):
