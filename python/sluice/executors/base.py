@@ -58,6 +58,7 @@ class ExecutorHost(Protocol):
     except `take_tickets`, `split` and `observe`, which are thread-safe."""
 
     label: str  # "'model' version N", for messages
+    observes: bool  # `observe` uses a batch's inputs (drift): worth handing them over
 
     def take_tickets(self, ids: Sequence[int]) -> list[Any]: ...
     def split(

@@ -72,6 +72,7 @@ class Scheduler:
         self.label = f"'{name}' version {version}"
         self.loop = loop
         self._drift = drift
+        self.observes = drift is not None
         self._stats = stats
         self._threads = intra_op_threads
         self._options = batcher_options(config, executor.instance_count)
