@@ -162,6 +162,13 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return self._response(request, _encode(wanted, results))
 
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        """Messages answered one after another, in order (the stream floor, with
+        --frontend-only: grpc.aio's own cost per bidirectional-stream message)."""
+        async for request in request_iterator:
+            response = await self.ModelInfer(request, context)
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
     def _cached(self, request: Any, wanted: list[str], feeds: dict[str, Any]) -> Any:
         assert self.cache is not None
         key = (tuple(wanted), *((n, a.shape) for n, a in sorted(feeds.items())))

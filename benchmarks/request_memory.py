@@ -2,7 +2,8 @@
 
 Starts `sluice serve` on a one-model repository (identity over FP32 [-1] and
 BYTES [-1]), sends one request at a time of each size and encoding (raw FP32,
-typed FP32, raw BYTES of empty strings), and reads the server's peak RSS
+typed FP32, raw BYTES of empty strings, and raw FP32 for a model that does not
+exist: grpcio's own cost of receiving it), and reads the server's peak RSS
 (VmHWM, reset before the request through /proc/PID/clear_refs; Linux, root or
 the server's owner), on a fresh server per case. Also measures, in this process
 and side by side, the decode step alone: today's codec against the
@@ -94,10 +95,12 @@ def _request(case: str, payload: int) -> Any:
     from sluice.proto import grpc_service_pb2 as pb
 
     msg = pb.ModelInferRequest(model_name="mem")
+    if case == RECEIVE_ONLY:  # no such model: the server only receives and refuses it
+        msg.model_name = "absent"
     n = payload // 4
     x = msg.inputs.add(name="x", datatype="FP32")
     s = msg.inputs.add(name="s", datatype="BYTES")
-    if case == "FP32 raw":
+    if case in ("FP32 raw", RECEIVE_ONLY):
         x.shape.append(n)
         s.shape.append(1)
         msg.raw_input_contents.extend(
@@ -117,7 +120,20 @@ def _request(case: str, payload: int) -> Any:
     return msg
 
 
-CASES = ("FP32 raw", "FP32 typed", "BYTES raw (empty strings)")
+RECEIVE_ONLY = "FP32 raw, refused (receive)"
+# The last case is gRPC's own floor: a request for a model that does not exist is
+# received (grpcio), parsed and refused; nothing of sluice's request path runs.
+CASES = ("FP32 raw", "FP32 typed", "BYTES raw (empty strings)", RECEIVE_ONLY)
+
+
+def call(stub: Any, msg: Any) -> None:
+    import grpc
+
+    try:
+        stub.ModelInfer(msg, timeout=120)
+    except grpc.RpcError as exc:
+        if msg.model_name != "absent" or exc.code() is not grpc.StatusCode.NOT_FOUND:
+            raise
 
 
 def server_peaks(sizes_mib: list[int]) -> list[dict[str, Any]]:
@@ -137,11 +153,11 @@ def server_peaks(sizes_mib: list[int]) -> list[dict[str, Any]]:
                 channel = grpc.insecure_channel(url, options=limit)
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 try:
-                    stub.ModelInfer(_request(case, 64 << 10), timeout=120)
+                    call(stub, _request(case, 64 << 10))
                     msg = _request(case, mib << 20)
                     base = _rss_bytes(proc.pid)
                     _reset_hwm(proc.pid)
-                    stub.ModelInfer(msg, timeout=120)
+                    call(stub, msg)
                     peak = _hwm_bytes(proc.pid) - base
                 finally:
                     channel.close()

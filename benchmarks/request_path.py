@@ -18,7 +18,7 @@ Runs perf_analyzer (same settings as batching.py) against, back to back in one r
 * ``baseline``: baseline_server.py (grpc.aio + one ``session.run`` per request
   on an executor thread).
 
-The cut stages run a real ``sluice serve`` with ``InferenceServicer._infer``
+The cut stages run a real ``sluice serve`` with ``InferenceServicer.ModelInfer``
 replaced in that process only (``--serve STAGE``); nothing here changes sluice.
 Each row reports throughput, p50, and the server process's CPU time per request
 (from /proc, so Linux only). Writes results/request-path-<ts>.json.
@@ -97,7 +97,10 @@ def _serve_cut(stage: str, sluice_argv: list[str]) -> int:
             response.raw_output_contents.append(raw)
         return response
 
-    inf.InferenceServicer._infer = _infer  # type: ignore[method-assign]
+    async def _model_infer(self: Any, msg: Any, context: Any) -> Any:
+        return await _infer(self, msg, context.time_remaining())
+
+    inf.InferenceServicer.ModelInfer = _model_infer  # type: ignore[method-assign]
     return sluice_main(["serve", *sluice_argv])
 
 

@@ -55,6 +55,10 @@ _BANNER = re.compile(r"ready: grpc ([\d.]+):(\d+), http [\d.]+:(\d+)")
 # Every test that starts a server runs once per executor (see the `executor`
 # fixture); SLUICE_TEST_EXECUTORS=thread (or process) narrows it for a quick run.
 EXECUTORS = tuple(os.environ.get("SLUICE_TEST_EXECUTORS", "thread,process").split(","))
+# SLUICE_TEST_FRONTENDS=N runs every server with --frontends N (the suite's
+# gRPC tests then go through frontend processes; tests that pass their own
+# --frontends keep theirs).
+FRONTENDS = os.environ.get("SLUICE_TEST_FRONTENDS", "")
 
 
 class ServerProcess:
@@ -81,6 +85,7 @@ class ServerProcess:
             "0",
             "--executor",
             executor,
+            *(["--frontends", FRONTENDS] if FRONTENDS else []),
             *extra_args,
         ]
         if repository is not None:

@@ -353,13 +353,13 @@ def build_add_sub(path: pathlib.Path) -> None:
     _save(path, graph)
 
 
-def build_scaler(path: pathlib.Path, factor: float = 1.0) -> None:
-    """``x`` float32 [N, 4] -> ``y`` = x * factor, float32 [N, 4]."""
+def build_scaler(path: pathlib.Path, factor: float = 1.0, width: int = 4) -> None:
+    """``x`` float32 [N, width] -> ``y`` = x * factor, float32 [N, width]."""
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "k"], ["y"])],
         "scaler",
-        [_vi("x", TensorProto.FLOAT, ["N", 4])],
-        [_vi("y", TensorProto.FLOAT, ["N", 4])],
+        [_vi("x", TensorProto.FLOAT, ["N", width])],
+        [_vi("y", TensorProto.FLOAT, ["N", width])],
         [_const("k", np.array(factor, dtype=np.float32))],
     )
     _save(path, graph)

@@ -5,7 +5,10 @@ client for `sluice infer`."""
 
 from __future__ import annotations
 
+import dataclasses
+import ssl
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,21 +17,80 @@ import numpy as np
 from sluice import _core, datatypes
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
-from sluice.server.security import ClientTls, make_aio_channel, make_channel
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
+@dataclasses.dataclass(frozen=True)
+class ClientTls:
+    """A client's TLS settings (the server runs with --grpc-use-ssl): the CA to
+    trust (None: the system's), and a client certificate and key for mutual TLS
+    (--grpc-use-ssl-mutual). The files are read when a channel is opened."""
+
+    root_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("a client certificate needs its key, and the key its certificate")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.root_cert),
+            private_key=read(self.client_key),
+            certificate_chain=read(self.client_cert),
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same trust and identity for an HTTPS client (a /metrics scrape)."""
+        context = ssl.create_default_context(
+            cafile=str(self.root_cert) if self.root_cert is not None else None
+        )
+        if self.client_cert is not None and self.client_key is not None:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+
 def channel(url: str, options: ChannelOptions = (), tls: ClientTls | None = None) -> grpc.Channel:
-    """A blocking channel to the server at host:port (TLS/mTLS with `tls`)."""
-    return make_channel(url, tls, list(options))
+    """A blocking channel to the server at host:port: plaintext without `tls`,
+    else TLS (mutual when `tls` has a client certificate)."""
+    if tls is None:
+        return grpc.insecure_channel(url, options=list(options))
+    return grpc.secure_channel(url, tls.credentials(), options=list(options))
 
 
 def aio_channel(
     url: str, options: ChannelOptions = (), tls: ClientTls | None = None
 ) -> grpc.aio.Channel:
-    """An asyncio channel to the server at host:port (TLS/mTLS with `tls`)."""
-    return make_aio_channel(url, tls, list(options))
+    """As channel(), for asyncio clients (sluice bench)."""
+    if tls is None:
+        return grpc.aio.insecure_channel(url, options=list(options))
+    return grpc.aio.secure_channel(url, tls.credentials(), options=list(options))
+
+
+def connection_hint(details: str, tls: ClientTls | None) -> str:
+    """What to check, in the command line's terms, when no connection could be
+    made ("" otherwise: an UNAVAILABLE answer from a server needs no hint)."""
+    if "failed to connect" not in details:
+        return ""
+    if tls is None:
+        return (
+            " (no TLS options given: if the server runs with --grpc-use-ssl, add --root-cert "
+            "CA.pem, or --ssl to trust the system's CAs)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        trusted = "--root-cert" if tls.root_cert is not None else "the system's CAs"
+        return f" (the server's certificate is not signed by {trusted}: check --root-cert)"
+    if tls.client_cert is None:
+        return (
+            " (if the server runs with --grpc-use-ssl-mutual, add --client-cert and "
+            "--client-key; or the server does not use TLS: leave the TLS options out)"
+        )
+    return ""
 
 
 class ClientError(Exception):
@@ -43,6 +105,7 @@ class InferenceClient:
         self._channel = channel(url, tls=tls)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout = timeout_s
+        self._tls = tls
 
     def close(self) -> None:
         self._channel.close()
@@ -51,7 +114,9 @@ class InferenceClient:
         try:
             return getattr(self._stub, method)(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            raise ClientError(exc.code().name, exc.details() or "") from None
+            details = exc.details() or ""
+            hint = connection_hint(details, self._tls)
+            raise ClientError(exc.code().name, details + hint) from None
 
     def metadata(self, model: str, version: str = "") -> pb.ModelMetadataResponse:
         response: pb.ModelMetadataResponse = self._call(

@@ -17,6 +17,10 @@ GRACE_SECONDS = 30.0
 # the server hold. Larger messages get RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 REPOSITORY_POLL_SECS = 15.0
+# A model version whose load (session creation, executor start-up, warm-up) takes
+# longer is UNAVAILABLE with the reason; the server goes on. Generous: a TensorRT
+# engine build for a large model takes minutes.
+MODEL_LOAD_TIMEOUT_S = 600.0
 DEFAULT_MAX_BATCH_SIZE = 4  # Triton's autocomplete default (sluice.config uses it)
 CLIENT_TIMEOUT_S = 30.0  # per call, for every client command
 

@@ -80,3 +80,30 @@ def from_code(code_name: str, message: str) -> SluiceError:
     except ValueError:
         code = ErrorCode.INTERNAL
     return _BY_CODE[code](message)
+
+
+# A name, key or value a client sent, shown in a message: at most this many characters.
+MAX_SHOWN_CHARS = 128
+# A whole message leaving the server: at most this many characters.
+MAX_MESSAGE_CHARS = 4096
+
+
+def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """Client-sent `text` (a model, tensor or parameter name) for an error message:
+    escaped to one printable line (newlines, NUL, bidi controls as escapes) and
+    at most `limit` characters. A client's data is never echoed raw."""
+    out = repr(text[: limit + 1])[1:-1]
+    return out if len(out) <= limit and len(text) <= limit else out[: limit - 3] + "..."
+
+
+def public_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A whole message for a client, as the transports send it: non-printable
+    characters escaped, at most `limit` characters. The backstop behind `shown`
+    for text that reaches a message some other way (a library's error)."""
+    if len(message) <= limit and message.isprintable():
+        return message
+    head = message[:limit]
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in head)
+    if len(out) > limit or len(message) > limit:
+        out = out[: limit - 3] + "..."
+    return out

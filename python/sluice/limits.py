@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from sluice.errors import InvalidArgumentError, ResourceExhaustedError
+from sluice.errors import InvalidArgumentError, ResourceExhaustedError, shown
 
 UINT32_MAX = (1 << 32) - 1
 INT64_MAX = (1 << 63) - 1
@@ -46,8 +46,7 @@ def int_parameter(parameters: Mapping[str, object], key: str, model_name: str) -
 def _one_line(name: str) -> str:
     """A client's name for a message: escaped to one line, bounded (found by fuzzing:
     a model name of newlines made a multi-line reason)."""
-    text = repr(name)[1:-1]
-    return text if len(text) <= 128 else text[:125] + "..."
+    return shown(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +83,8 @@ class RequestLimits:
         limit = self.max_inflight_per_model
         if limit and inflight >= limit:
             raise ResourceExhaustedError(
-                f"model '{model_name}' has {inflight} requests in flight, the server's limit "
-                "(--max-inflight-per-model); retry later"
+                f"model '{_one_line(model_name)}' has {inflight} requests in flight (all "
+                "versions), the server's limit (--max-inflight-per-model); retry later"
             )
 
 

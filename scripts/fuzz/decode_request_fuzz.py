@@ -1,7 +1,8 @@
 """Atheris target: sluice's request decode/validate path on arbitrary bytes.
 
-Each input is parsed as a ModelInferRequest (what grpc hands the servicer) and
-decoded by sluice.server.codec.decode_request, then its scheduling parameters
+Each input is parsed as a ModelInferRequest by the server's own deserializer
+(sluice.server.wire.parse_infer_request: raw contents stay views into the
+input) and decoded by sluice.server.codec.decode_request, then its scheduling parameters
 go through sluice.limits. A client error must be a SluiceError with a code the
 edge maps (INVALID_ARGUMENT, RESOURCE_EXHAUSTED); anything else is a finding.
 
@@ -17,8 +18,7 @@ import atheris
 from google.protobuf.message import DecodeError
 from sluice import limits
 from sluice.errors import ErrorCode, SluiceError
-from sluice.proto import grpc_service_pb2 as pb
-from sluice.server import codec
+from sluice.server import codec, wire
 
 
 def _instrument(*modules: object) -> int:
@@ -33,17 +33,16 @@ def _instrument(*modules: object) -> int:
     return count
 
 
-_instrument(codec, limits)
+_instrument(codec, limits, wire)
 
 _CLIENT_ERRORS = {ErrorCode.INVALID_ARGUMENT, ErrorCode.RESOURCE_EXHAUSTED}
 
 
 def test_one_input(data: bytes) -> None:
-    msg = pb.ModelInferRequest()
     try:
-        msg.ParseFromString(data)
+        msg = wire.parse_infer_request(data)
     except DecodeError:
-        return  # grpc answers these before sluice sees them
+        return  # the error edge answers these INVALID_ARGUMENT
     try:
         request = codec.decode_request(msg, 0)
         for key in limits.PARAMETER_RANGES:

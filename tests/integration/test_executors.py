@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as tc
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from test_rollout import CONFIG, metric, scaler
 from tritonclient.utils import InferenceServerException
 
@@ -64,7 +64,7 @@ def test_killed_executor_fails_only_its_batch_and_comes_back(
     stop = threading.Event()
     outcomes: dict[str, Counter[str]] = {"victim": Counter(), "bystander": Counter()}
     messages: list[str] = []
-    lock = threading.Lock()
+    answered = threading.Condition()  # the load threads notify it after every answer
 
     def load(model: str) -> None:
         client = tc.InferenceServerClient(server.url)
@@ -72,13 +72,18 @@ def test_killed_executor_fails_only_its_batch_and_comes_back(
             try:
                 y = _infer(client, model)
                 assert np.array_equal(y, 2 * np.arange(8, dtype=np.float32).reshape(2, 4))
-                result = "ok"
+                result, message = "ok", None
             except InferenceServerException as exc:
-                result = exc.status() or "?"
-                with lock:
-                    messages.append(exc.message() or "")
-            with lock:
+                result, message = exc.status() or "?", exc.message() or ""
+            with answered:
                 outcomes[model][result] += 1
+                if message is not None:
+                    messages.append(message)
+                answered.notify_all()
+
+    def wait_for_answers(what: str, done: Callable[[], bool], timeout_s: float) -> None:
+        with answered:
+            assert answered.wait_for(done, timeout=timeout_s), (what, outcomes)
 
     threads = [
         threading.Thread(target=load, args=(m,)) for m in ("victim",) * 8 + ("bystander",) * 8
@@ -86,25 +91,30 @@ def test_killed_executor_fails_only_its_batch_and_comes_back(
     for t in threads:
         t.start()
     try:
-        # Wait for traffic to flow on both models, then kill the victim's executor.
-        deadline = time.monotonic() + 30
-        while min(outcomes["victim"]["ok"], outcomes["bystander"]["ok"]) < 50:
-            assert time.monotonic() < deadline, outcomes
-            time.sleep(0.01)  # polling the client threads' counters
+        wait_for_answers(
+            "traffic on both models",
+            lambda: min(outcomes["victim"]["ok"], outcomes["bystander"]["ok"]) >= 50,
+            timeout_s=30,
+        )
         child.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        # The instance comes back: a new child, and requests succeed again.
+        # The instance comes back: a new child, READY, and requests succeed again.
         client = tc.InferenceServerClient(server.url)
-        while True:
-            assert time.monotonic() - killed_at < 5, "victim not READY again within 5 s"
-            fresh = [p for p in _children(server, "victim") if p.pid != child.pid]
-            if fresh and client.is_model_ready("victim"):
-                before = outcomes["victim"]["ok"]
-                while outcomes["victim"]["ok"] < before + 20:
-                    assert time.monotonic() - killed_at < 5, outcomes
-                    time.sleep(0.01)
-                break
-            time.sleep(0.01)
+        wait_until(
+            "a new victim executor, READY",
+            lambda: (
+                any(p.pid != child.pid for p in _children(server, "victim"))
+                and client.is_model_ready("victim")
+            ),
+            timeout_s=5,
+        )
+        with answered:
+            before = outcomes["victim"]["ok"]
+        wait_for_answers(
+            "20 more answers from the victim",
+            lambda: outcomes["victim"]["ok"] >= before + 20,
+            timeout_s=max(0.0, 5 - (time.monotonic() - killed_at)),
+        )
     finally:
         stop.set()
         for t in threads:

@@ -89,12 +89,15 @@ def _assert_unavailable(url: str) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("frontends", ["1", "2"], ids=["in-process", "2-frontends"])
 def test_sigterm_finishes_in_flight_requests_and_exits_0(
     start_server: Callable[..., ServerProcess],
     repository: Path,
     reference: Callable[[float], np.ndarray[Any, Any]],
+    frontends: str,
 ) -> None:
-    server = start_server(repository)
+    # With frontend processes, SIGTERM drains each of them while the host answers.
+    server = start_server(repository, "--frontends", frontends)
     url = server.url
 
     # Measure one request on the running server (it was warmed up before READY).

@@ -57,8 +57,10 @@ NVML_ONLY_PREFIX = "nv_gpu_"
 # shadow label or after a guard fired; tests/integration/test_rollout.py checks
 # that the dashboard's rollout queries are exposed then. (Every unversioned
 # request counts sluice_rollout_requests_total{arm="stable"}, so that one is here.)
+# The sluice_frontend* families exist only with --frontends N > 1;
+# tests/integration/test_frontends.py checks the dashboard's queries of them.
 ONLY_WHEN_USED = re.compile(
-    r"^sluice_(drift_|feature_skew|model_quality|shadow_comparisons|canary_rollbacks)"
+    r"^sluice_(drift_|feature_skew|model_quality|shadow_comparisons|canary_rollbacks|frontend)"
 )
 
 T = TypeVar("T")

@@ -11,6 +11,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -214,7 +215,14 @@ def test_guards_roll_a_faulty_canary_back(
     assert_on_dashboard(server, "sluice_canary_rollbacks_total", "guard")
     # Rolled back: unversioned traffic is all stable again, and the file says why.
     assert {infer(client, x)[0] for _ in range(30)} == {"1"}
-    written = json.loads((tmp_path / MODEL / "labels.json").read_text())
+
+    # The server records the rollback in labels.json off its loop, after routing
+    # changed; the file is replaced atomically, so every read is a whole file.
+    def recorded() -> dict[str, Any] | None:
+        data: dict[str, Any] = json.loads((tmp_path / MODEL / "labels.json").read_text())
+        return data if data.get("history") else None
+
+    written = wait_until("labels.json to record the rollback", recorded)
     assert "canary" not in written
     last = written["history"][-1]
     assert (last["label"], last["version"], last["action"]) == ("canary", 2, "auto-rollback")

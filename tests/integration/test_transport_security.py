@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as tc
@@ -273,3 +277,70 @@ def test_exposure_warning_on_non_loopback_address() -> None:
     warnings = security.exposure_warnings("0.0.0.0", None, None, ())
     assert any("WITHOUT TLS" in w for w in warnings)
     assert any("model management" in w for w in warnings)
+
+
+def _sluice(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real command line in its own process (one grpc runtime per command)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sluice.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_client_commands_take_the_tls_options(
+    tmp_path: Path, start_server: Callable[..., ServerProcess], executor: str
+) -> None:
+    if executor != "thread":
+        pytest.skip("the client's TLS options do not depend on the executor (run with thread)")
+    ca = Pki(tmp_path, "ca")
+    cert, key = ca.issue("server", server=True)
+    client_cert, client_key = ca.issue("client", server=False)
+    server = start_server(
+        None,
+        "--grpc-use-ssl", "true",
+        "--grpc-server-cert", str(cert),
+        "--grpc-server-key", str(key),
+        "--grpc-root-cert", str(ca.ca_path),
+        "--grpc-use-ssl-mutual", "true",
+        "--http-use-ssl", "true",
+        "--http-server-cert", str(cert),
+        "--http-server-key", str(key),
+    )  # fmt: skip
+    server_tls = ["--root-cert", str(ca.ca_path)]
+    mutual = [*server_tls, "--client-cert", str(client_cert), "--client-key", str(client_key)]
+    rows = tmp_path / "rows.npy"
+    np.save(rows, np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("never-seen-id,1\n")
+    model, url = "tabular_classifier", ["--url", server.url]
+    metrics = f"https://127.0.0.1:{server.http_port}/metrics"
+    commands = {
+        "bench": ["bench", model, *url, "--requests", "20", "--json", "--metrics-url", metrics],
+        "drift": ["drift", model, *url, "--json", "--timeout", "10"],
+        "feedback": ["feedback", model, *url, "--labels", str(labels), "--timeout", "10"],
+        "batch": ["batch", model, *url, "--input", str(rows), "--output", str(tmp_path / "o.npz")],
+    }
+
+    out = {}
+    for name, argv in commands.items():
+        done = _sluice(*argv, *mutual)
+        assert done.returncode == 0, (name, done.stderr)
+        out[name] = done.stdout
+    bench = json.loads(out["bench"])
+    assert bench["successes"] == 20
+    assert "cannot read" not in str(bench["cost"])  # the https /metrics page, with --root-cert
+    assert json.loads(out["drift"])["model"] == model
+    assert "0 matched, 1 unknown" in out["feedback"]
+    with np.load(tmp_path / "o.npz") as scored:
+        assert len(scored["label"]) == 5
+
+    # Without the options, or without the client certificate mutual TLS wants:
+    # a refusal that says which options to give, not a traceback.
+    for name, argv in commands.items():
+        plain = _sluice(*argv)
+        assert plain.returncode == 1, (name, plain.stderr)
+        assert "UNAVAILABLE" in plain.stderr, (name, plain.stderr)
+        assert "if the server runs with --grpc-use-ssl, add --root-cert" in plain.stderr, name
+        assert "Traceback" not in plain.stderr
+    half = _sluice(*commands["drift"], *server_tls)
+    assert half.returncode == 1
+    assert "--grpc-use-ssl-mutual, add --client-cert and --client-key" in half.stderr

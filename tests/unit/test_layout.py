@@ -180,3 +180,61 @@ def test_configured_warmup_has_a_time_budget(tmp_path: Path) -> None:
     warm_up(runtime, config, tmp_path / "m")  # within the default budget
     with pytest.raises(ModelLoadError, match="ran past its 0 s budget"):
         warm_up(runtime, config, tmp_path / "m", budget_s=0.0)
+
+
+def _identity_model(root: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (root / "m" / "1").mkdir(parents=True)
+    onnx.save(model, str(root / "m" / "1" / "model.onnx"))
+    return root / "m" / "1" / "model.onnx"
+
+
+_TRT_CACHE = (
+    "max_batch_size: 4 parameters { key: 'execution_provider_fallback' value { string_value: "
+    "'cpu' } } optimization { execution_accelerators { gpu_execution_accelerator [ { name: "
+    "'tensorrt' parameters { key: 'trt_engine_cache_enable' value: 'true' } parameters { key: "
+    "'trt_engine_cache_path' value: '%s' } } ] } }"
+)
+
+
+@pytest.mark.parametrize(
+    ("cache_path", "reason"),
+    [
+        ("/tmp/engines", "must be a path relative to the model folder"),
+        ("../../outside", "is outside the model folder"),
+        ("1/../../..", "is outside the model folder"),
+    ],
+)
+def test_trt_engine_cache_path_stays_in_the_model_folder(
+    tmp_path: Path, cache_path: str, reason: str
+) -> None:
+    from sluice.runtime import RuntimeOptions, load_runtime
+
+    path = _identity_model(tmp_path)
+    config = _config(_TRT_CACHE % cache_path)
+    with pytest.raises(ModelLoadError, match=f"tensorrt option trt_engine_cache_path.*{reason}"):
+        load_runtime(path, config, "m", RuntimeOptions(), model_dir=tmp_path / "m")
+
+
+def test_trt_engine_cache_path_inside_resolves_under_the_model_folder(tmp_path: Path) -> None:
+    from sluice.runtime import RuntimeOptions, load_runtime, session
+
+    path = _identity_model(tmp_path)
+    config = _config(_TRT_CACHE % "engines")
+    wanted = dict(session._providers(config, tmp_path / "m"))
+    assert wanted[session.TENSORRT]["trt_engine_cache_path"] == str(
+        (tmp_path / "m").resolve() / "engines"
+    )
+    # Loads (on the CPU where TensorRT is absent: the config allows the fallback).
+    runtime, _ = load_runtime(path, config, "m", RuntimeOptions(), model_dir=tmp_path / "m")
+    assert runtime.providers[-1] == session.CPU

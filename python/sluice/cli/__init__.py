@@ -12,7 +12,7 @@ import sys
 
 from sluice import __version__
 from sluice.cli import bench, drift, feedback, infer, models, offline, serve
-from sluice.cli.common import LOG_LEVELS, ArgumentParser, print_help
+from sluice.cli.common import LOG_LEVELS, ArgumentParser, check_tls_arguments, print_help
 
 __all__ = ["build_parser", "main"]
 
@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_tls_arguments(args)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2 with the usage, as argparse's own checks do
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice import defaults
-from sluice.cli.common import add_url_arguments, parse_input
+from sluice.cli.common import add_url_arguments, client_tls, parse_input
 
 
 def _parse_shape(spec: str) -> tuple[str, tuple[int, ...]]:
@@ -47,6 +47,7 @@ def bench_command(args: argparse.Namespace) -> int:
         metrics_url=args.metrics_url,
         timeout_s=args.timeout,
         progress=not args.no_progress,
+        tls=client_tls(args),
     )
     try:
         if args.plot:
@@ -112,7 +113,7 @@ def register(sub: Any) -> None:
         default=defaults.client_metrics_url(),
         help="the server's Prometheus page, for cost (default: $SLUICE_METRICS_URL, else "
         "http://<--url host>:8002/metrics; cost is left out when its counts disagree with "
-        "the gRPC server's)",
+        "the gRPC server's; an https:// page is checked with the TLS options below)",
     )
     add_url_arguments(bench)
     bench.add_argument("--json", action="store_true", help="print one JSON object, not a table")

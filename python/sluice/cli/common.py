@@ -1,5 +1,6 @@
-"""What every command shares: the parser class (help with defaults), --url and
---timeout, the repository rule, and --input parsing."""
+"""What every command shares: the parser class (help with defaults), --url,
+--timeout and the TLS options of a client, the repository rule, and --input
+parsing."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sluice import defaults
+
+if TYPE_CHECKING:  # sluice.client imports grpc; commands import it when they run
+    from sluice.client import ClientTls
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -36,7 +40,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def add_url_arguments(parser: argparse.ArgumentParser) -> None:
-    """--url and --timeout, the same for every command that talks to a server."""
+    """--url, --timeout and the TLS options, the same for every command that
+    talks to a server."""
     parser.add_argument(
         "--url",
         default=defaults.client_url(),
@@ -50,6 +55,64 @@ def add_url_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="deadline of each call",
     )
+    add_tls_arguments(parser)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client reaches a server started with --grpc-use-ssl (and
+    --grpc-use-ssl-mutual): every command that opens a channel takes these."""
+    group = parser.add_argument_group(
+        "TLS", "for a server started with --grpc-use-ssl; plaintext without them"
+    )
+    group.add_argument(
+        "--ssl",
+        action="store_true",
+        help="connect with TLS, trusting the system's CAs (implied by the options below)",
+    )
+    group.add_argument(
+        "--root-cert",
+        type=_readable_file,
+        metavar="PEM",
+        help="the CA that signed the server's certificate (default: the system's CAs)",
+    )
+    group.add_argument(
+        "--client-cert",
+        type=_readable_file,
+        metavar="PEM",
+        help="this client's certificate, for mutual TLS (with --client-key)",
+    )
+    group.add_argument(
+        "--client-key",
+        type=_readable_file,
+        metavar="PEM",
+        help="this client's private key, for mutual TLS (with --client-cert)",
+    )
+
+
+def _readable_file(value: str) -> Path:
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+    return Path(value)
+
+
+def check_tls_arguments(args: argparse.Namespace) -> None:
+    """Raises ValueError when the TLS options cannot go together."""
+    has_cert = getattr(args, "client_cert", None) is not None
+    has_key = getattr(args, "client_key", None) is not None
+    if has_cert != has_key:
+        raise ValueError("--client-cert and --client-key go together (mutual TLS)")
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """The TLS settings given by add_tls_arguments' options; None: plaintext."""
+    from sluice.client import ClientTls
+
+    if not (args.ssl or args.root_cert or args.client_cert or args.client_key):
+        return None
+    return ClientTls(args.root_cert, args.client_cert, args.client_key)
 
 
 REPOSITORY_READ_HELP = "repository folder (default: the bundled examples)"

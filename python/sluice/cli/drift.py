@@ -343,7 +343,8 @@ def _remote_report(args: argparse.Namespace) -> dict[str, Any]:
     from sluice.proto import sluice_service_pb2 as spb
     from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 
-    with client.channel(args.url) as channel:
+    tls = common.client_tls(args)
+    with client.channel(args.url, tls=tls) as channel:
         stub = spb_grpc.SluiceServiceStub(channel)
         try:
             reply = stub.DriftReport(
@@ -351,7 +352,9 @@ def _remote_report(args: argparse.Namespace) -> dict[str, Any]:
                 timeout=args.timeout,
             )
         except grpc.RpcError as exc:
-            raise DriftCliError(f"{exc.code().name}: {exc.details()}") from None
+            details = exc.details() or ""
+            hint = client.connection_hint(details, tls)
+            raise DriftCliError(f"{exc.code().name}: {details}{hint}") from None
     return report_dict(reply)
 
 
@@ -509,4 +512,5 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="--url: deadline of the DriftReport call",
     )
+    common.add_tls_arguments(d)
     d.set_defaults(func=drift_command)

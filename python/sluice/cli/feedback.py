@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sluice.cli.common import add_url_arguments
+from sluice.cli.common import add_url_arguments, client_tls
 
 CHUNK_LABELS = 1000  # labels per Feedback call: bounds one message
 MAX_VALUES_PER_ID = 1 << 16
@@ -91,7 +91,8 @@ def feedback_command(args: argparse.Namespace) -> int:
         return 2
     matched = unknown = 0
     quality: dict[str, Any] | None = None
-    with client.channel(args.url) as channel:
+    tls = client_tls(args)
+    with client.channel(args.url, tls=tls) as channel:
         stub = spb_grpc.SluiceServiceStub(channel)
         for start in range(0, len(labels), CHUNK_LABELS):
             chunk = labels[start : start + CHUNK_LABELS]
@@ -102,8 +103,10 @@ def feedback_command(args: argparse.Namespace) -> int:
                 reply = stub.Feedback(request, timeout=args.timeout)
             except grpc.RpcError as exc:
                 sent = f"; the server counted the {matched} label(s) before" if matched else ""
+                details = exc.details() or ""
+                hint = client.connection_hint(details, tls)
                 print(
-                    f"sluice feedback: {exc.code().name}: {exc.details() or ''}{sent}",
+                    f"sluice feedback: {exc.code().name}: {details}{hint}{sent}",
                     file=sys.stderr,
                 )
                 return 1

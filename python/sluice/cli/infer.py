@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 
 from sluice import datatypes
-from sluice.cli.common import add_url_arguments, parse_input
-from sluice.server import security
+from sluice.cli.common import add_url_arguments, client_tls, parse_input
 
 
 def _random_inputs(meta: Any) -> dict[str, np.ndarray[Any, Any]]:
@@ -33,9 +32,7 @@ def infer_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sluice infer: {exc}", file=sys.stderr)
         return 2
-    client = InferenceClient(
-        args.url, timeout_s=args.timeout, tls=security.client_tls_from_args(args)
-    )
+    client = InferenceClient(args.url, timeout_s=args.timeout, tls=client_tls(args))
     try:
         meta = client.metadata(args.model, args.model_version)
         types = {t.name: t.datatype for t in meta.inputs}
@@ -102,5 +99,4 @@ def register(sub: Any) -> None:
         "--model-version", default="", help="a version number (default: the server's choice)"
     )
     add_url_arguments(infer)
-    security.add_client_arguments(infer)
     infer.set_defaults(func=infer_command)

@@ -60,6 +60,7 @@ class BenchOptions:
     metrics_url: str | None = None  # None: derived from `url` (defaults.metrics_url_for)
     timeout_s: float = defaults.CLIENT_TIMEOUT_S  # per request
     progress: bool = True
+    tls: client.ClientTls | None = None  # None: plaintext
 
     def validate(self) -> None:
         for name, value, low in (
@@ -364,11 +365,15 @@ def _matches(labels: Mapping[str, str], model: str, version: str) -> bool:
     return labels.get("model") == model and (not version or labels.get("version") == version)
 
 
-def scrape_cost(url: str, model: str, version: str) -> CostCounters:
-    """The model's cost and inference counters from a Prometheus /metrics page."""
+def scrape_cost(
+    url: str, model: str, version: str, tls: client.ClientTls | None = None
+) -> CostCounters:
+    """The model's cost and inference counters from a Prometheus /metrics page
+    (an https:// page is checked with `tls`'s CA, and given its client certificate)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=_METRICS_TIMEOUT_S) as page:
+    context = tls.ssl_context() if tls is not None and url.startswith("https:") else None
+    with urllib.request.urlopen(url, timeout=_METRICS_TIMEOUT_S, context=context) as page:
         text = page.read().decode("utf-8")
     totals = {"sluice_inference_cost_usd_total": 0.0, "nv_inference_count": 0.0}
     seen: set[str] = set()
@@ -414,10 +419,12 @@ def cost_delta(
     return {"usd_per_1000_inferences": per_1k, "usd": usd, "inferences": inferences, "note": note}
 
 
-async def _try_scrape(url: str, model: str, version: str) -> CostCounters | str:
+async def _try_scrape(
+    url: str, model: str, version: str, tls: client.ClientTls | None
+) -> CostCounters | str:
     """The counters, or why there are none (the run goes on without cost)."""
     try:
-        return await asyncio.to_thread(scrape_cost, url, model, version)
+        return await asyncio.to_thread(scrape_cost, url, model, version, tls)
     except (OSError, ValueError, LookupError) as exc:  # URLError is an OSError
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         return f"cost skipped: cannot read {url} ({reason})"
@@ -446,11 +453,15 @@ class BenchReport:
     load: LoadResult  # raw samples, for plots
 
 
-async def _call(stub: Any, method: str, request: Any, what: str) -> Any:
+async def _call(
+    stub: Any, method: str, request: Any, what: str, tls: client.ClientTls | None
+) -> Any:
     try:
         return await getattr(stub, method)(request, timeout=_CONTROL_TIMEOUT_S)
     except grpc.aio.AioRpcError as exc:
-        raise BenchError(f"{what}: {exc.code().name}: {exc.details() or ''}") from None
+        details = exc.details() or ""
+        hint = client.connection_hint(details, tls)
+        raise BenchError(f"{what}: {exc.code().name}: {details}{hint}") from None
 
 
 def _stop_rule(options: BenchOptions) -> tuple[int | None, float | None]:
@@ -467,7 +478,7 @@ async def run_async(options: BenchOptions) -> BenchReport:
         ("grpc.max_send_message_length", -1),
         ("grpc.max_receive_message_length", -1),
     ]
-    async with client.aio_channel(options.url, channel_options) as channel:
+    async with client.aio_channel(options.url, channel_options, options.tls) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         where = f"model {options.model!r} at {options.url}"
         meta = await _call(
@@ -475,12 +486,14 @@ async def run_async(options: BenchOptions) -> BenchReport:
             "ModelMetadata",
             pb.ModelMetadataRequest(name=options.model, version=options.version),
             where,
+            options.tls,
         )
         config = await _call(
             stub,
             "ModelConfig",
             pb.ModelConfigRequest(name=options.model, version=options.version),
             where,
+            options.tls,
         )
         workload = build_workload(meta, config.config.max_batch_size, options)
 
@@ -492,17 +505,21 @@ async def run_async(options: BenchOptions) -> BenchReport:
                 raise BenchError(f"every warmup request failed: {code}: {details}")
 
         stats_request = pb.ModelStatisticsRequest(name=options.model, version=options.version)
-        stats_before = await _call(stub, "ModelStatistics", stats_request, "statistics")
-        cost_before = await _try_scrape(metrics_url, options.model, options.version)
+        stats_before = await _call(
+            stub, "ModelStatistics", stats_request, "statistics", options.tls
+        )
+        cost_before = await _try_scrape(metrics_url, options.model, options.version, options.tls)
         load = await _run_load(stub, workload, options, requests, duration_s, True)
         # The server may have stopped during the run: what the client measured
         # is still reported, and what could not be read afterwards is named.
         stats_after: pb.ModelStatisticsResponse | str
         try:
-            stats_after = await _call(stub, "ModelStatistics", stats_request, "statistics")
+            stats_after = await _call(
+                stub, "ModelStatistics", stats_request, "statistics", options.tls
+            )
         except BenchError as exc:
             stats_after = f"statistics after the run unavailable ({exc})"
-        cost_after = await _try_scrape(metrics_url, options.model, options.version)
+        cost_after = await _try_scrape(metrics_url, options.model, options.version, options.tls)
 
     missing: list[str] = []
     elapsed_s = load.elapsed_ns / _NS_PER_S

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sluice.cli import common
 from sluice.errors import SluiceError
 
 PACKAGE_USAGE = (
@@ -200,6 +201,7 @@ def _batch(args: argparse.Namespace) -> int:
         repository=Path(args.model_repository) if args.model_repository else None,
         version=args.model_version,
         url=args.url,
+        tls=common.client_tls(args),
         chunk_rows=args.chunk_rows,
         batch_size=args.batch_size,
         instances=args.instances,
@@ -290,6 +292,7 @@ def _add_batch(sub: Any) -> None:
         "else the text `sluice drift` prints)",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    common.add_tls_arguments(b)
     b.set_defaults(func=_batch)
 
 

@@ -1,6 +1,7 @@
 """The `sluice models` commands (parsers: sluice.cli.models). The work is done by
-sluice.repository.registry; this module parses KEY=VALUE options, renders
-tables and text, and maps errors to exit codes (0 ok, 1 failed, 2 bad usage)."""
+sluice.repository.registry (publish, inspect, labels); this module parses
+KEY=VALUE options, renders tables and text, and maps errors to exit codes (0 ok,
+1 failed, 2 bad usage)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from sluice.cli import common
-from sluice.repository import registry
+from sluice.repository.registry import inspect, publish
+from sluice.repository.registry.errors import RegistryError, UsageError
+from sluice.repository.registry.labels import CANARY, SHADOW, STABLE, Labels, promote, rollback
 
 _SHA_PREFIX = 12
 _WRITES = ("publish", "promote", "rollback")
@@ -25,15 +28,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         if command in _WRITES and not args.model_repository:
             # Never write into the installed package's bundled examples by default.
-            raise registry.UsageError(f"{command} needs --model-repository DIR")
+            raise UsageError(f"{command} needs --model-repository DIR")
         repository = common.repository(args)
         if not repository.is_dir():
-            raise registry.UsageError(f"model repository {repository} is not a directory")
+            raise UsageError(f"model repository {repository} is not a directory")
         return _COMMANDS[command](repository, args)
-    except registry.UsageError as exc:
+    except UsageError as exc:
         _error(command, exc.message)
         return 2
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         _error(command, exc.message)
         return 1
     except OSError as exc:  # permissions, a full disk: operational, no traceback
@@ -62,7 +65,7 @@ def _pairs(specs: Sequence[str], option: str) -> dict[str, str]:
     for spec in specs:
         key, sep, value = spec.partition("=")
         if not sep or not key:
-            raise registry.UsageError(f"{option} wants KEY=VALUE, got {spec!r}")
+            raise UsageError(f"{option} wants KEY=VALUE, got {spec!r}")
         out[key] = value  # a repeated key: the last one wins, as on most CLIs
     return out
 
@@ -75,13 +78,13 @@ def _numbers(specs: Sequence[str]) -> dict[str, float]:
         except ValueError:
             number = math.nan
         if not math.isfinite(number):
-            raise registry.UsageError(f"--metric {key} wants a finite number, got {value!r}")
+            raise UsageError(f"--metric {key} wants a finite number, got {value!r}")
         out[key] = number
     return out
 
 
 def _publish(repository: Path, args: argparse.Namespace) -> int:
-    result = registry.publish(
+    result = publish.publish(
         repository,
         args.model,
         Path(args.file),
@@ -118,7 +121,7 @@ def _publish(repository: Path, args: argparse.Namespace) -> int:
 
 
 def _list(repository: Path, args: argparse.Namespace) -> int:
-    data = registry.list_models(repository)
+    data = inspect.list_models(repository)
     for model in data["models"]:
         _warn("list", [f"model '{model['name']}': {p}" for p in model["problems"]])
     if args.json:
@@ -146,14 +149,14 @@ _NO_VERSION: dict[str, Any] = {"version": "-", "sha256": None, "created": None, 
 def _version_labels(labels: dict[str, Any], version: object) -> str:
     """'stable', 'canary 10% sticky', 'shadow 20%', joined by commas."""
     names = []
-    if labels.get(registry.STABLE) == version:
+    if labels.get(STABLE) == version:
         names.append("stable")
-    canary = labels.get(registry.CANARY)
+    canary = labels.get(CANARY)
     if canary is not None and canary["version"] == version:
         names.append(
             f"canary {_percent(canary['weight'])}" + (" sticky" if canary["sticky"] else "")
         )
-    shadow = labels.get(registry.SHADOW)
+    shadow = labels.get(SHADOW)
     if shadow is not None and shadow["version"] == version:
         names.append(f"shadow {_percent(shadow['sample'])}")
     return ", ".join(names)
@@ -175,7 +178,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _show(repository: Path, args: argparse.Namespace) -> int:
-    data = registry.show(repository, args.model, args.version)
+    data = inspect.show(repository, args.model, args.version)
     _warn("show", data["problems"])
     if args.json:
         _print_json(data)
@@ -227,7 +230,7 @@ def _tensor_text(tensor: dict[str, Any]) -> str:
 
 
 def _diff(repository: Path, args: argparse.Namespace) -> int:
-    data = registry.diff(repository, args.model, args.old, args.new)
+    data = inspect.diff(repository, args.model, args.old, args.new)
     _warn("diff", data["problems"])
     if args.json:
         _print_json(data)
@@ -272,7 +275,7 @@ def _map_diff_lines(d: dict[str, Any], singular: str) -> list[str]:
 
 
 def _promote(repository: Path, args: argparse.Namespace) -> int:
-    labels = registry.promote(
+    labels = promote(
         repository,
         args.model,
         args.version,
@@ -286,13 +289,13 @@ def _promote(repository: Path, args: argparse.Namespace) -> int:
 
 
 def _rollback(repository: Path, args: argparse.Namespace) -> int:
-    before, after = registry.rollback(repository, args.model)
+    before, after = rollback(repository, args.model)
     cleared = f"; canary {before.canary.version} cleared" if before.canary is not None else ""
     print(f"{args.model}: stable {before.stable} -> {after.stable}{cleared}")
     return 0
 
 
-def _labels_text(labels: registry.Labels) -> str:
+def _labels_text(labels: Labels) -> str:
     parts = [f"stable {_scalar(labels.stable)}"]
     if labels.canary is not None:
         sticky = ", sticky" if labels.canary.sticky else ""

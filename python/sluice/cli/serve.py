@@ -47,6 +47,7 @@ def serve_command(args: argparse.Namespace) -> int:
         allow_metrics=args.allow_metrics == "true",
         strict_readiness=args.strict_readiness == "true",
         reuse_port=args.reuse_port,
+        frontends=args.frontends,
         cost=CostModel(
             usd_per_hour=args.cost_per_hour,
             usd_per_gpu_hour=args.cost_per_gpu_hour,
@@ -61,6 +62,16 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"sluice: {exc.strerror or exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _frontend_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= count <= 64:
+        raise argparse.ArgumentTypeError(f"{count} is outside 1..64")
+    return count
 
 
 def register(sub: Any) -> None:
@@ -127,6 +138,16 @@ def register(sub: Any) -> None:
         help="where batches run: 'thread' (worker threads in the server process) or "
         "'process' (one child process per model instance: execution leaves the server's "
         "GIL and a crash fails only its batch); a model's 'executor' parameter overrides it",
+    )
+    serve.add_argument(
+        "--frontends",
+        type=_frontend_count,
+        default=1,
+        metavar="N",
+        help="gRPC frontend processes sharing the gRPC port (1-64). 1 serves gRPC in the "
+        "server process; N > 1 spreads gRPC's per-call CPU over N processes that forward "
+        "to one model host (one set of batchers, statistics and metrics). See the README "
+        "for choosing N",
     )
     serve.add_argument(
         "--strict-readiness",

@@ -42,7 +42,12 @@ def _serve(sock: socket.socket) -> int:
     config.ParseFromString(spec.config)
     try:
         runtime, notes = load_runtime(
-            Path(spec.model_path), config, spec.model_name, spec.options, sessions_here=1
+            Path(spec.model_path),
+            config,
+            spec.model_name,
+            spec.options,
+            sessions_here=1,
+            model_dir=Path(spec.model_dir),
         )
         warm_up(runtime, config, Path(spec.model_dir))
     except SluiceError as exc:

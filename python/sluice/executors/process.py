@@ -42,6 +42,7 @@ import numpy as np
 from sluice import _core
 from sluice.errors import InternalError, ModelLoadError, SluiceError, UnavailableError
 from sluice.executors import wire
+from sluice.executors.attempt import LoadAttempt
 from sluice.executors.base import PROCESS, BatchOutcome, ExecutorHost
 from sluice.proto import model_config_pb2 as mc
 from sluice.runtime import RuntimeInfo, RuntimeOptions
@@ -51,8 +52,10 @@ log = logging.getLogger(__name__)
 
 Array = np.ndarray[Any, Any]
 
-# A child that has not loaded its model by then is killed; the load fails.
-LOAD_TIMEOUT_S = 300.0
+# A child that has not loaded its model by then is killed; the load fails. A
+# load's own budget (--model-load-timeout-secs) is what the first start uses;
+# restarts use the budget of the load that started the executor.
+LOAD_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = (0.1, 5.0)  # first wait, longest wait
 HEALTHY_AFTER_S = 30.0  # a child that ran this long resets the backoff
@@ -96,10 +99,17 @@ class _Instance:
         self.receive = wire.Receiver()  # the loop's, for this instance's socket
 
 
-def _spawn(spec: LaunchSpec, index: int) -> tuple[subprocess.Popen[bytes], socket.socket, Any]:
+def _spawn(
+    spec: LaunchSpec,
+    index: int,
+    timeout_s: float = LOAD_TIMEOUT_S,
+    attempt: LoadAttempt | None = None,
+) -> tuple[subprocess.Popen[bytes], socket.socket, Any]:
     """Starts one child and waits (blocking: call off the loop) until its model
-    is loaded and warmed up. Returns (process, socket, the child's ready info).
-    Raises ModelLoadError with the child's reason."""
+    is loaded and warmed up, at most `timeout_s` (or what is left of the
+    attempt's budget). Returns (process, socket, the child's ready info).
+    Raises ModelLoadError with the child's reason. An abandoned attempt kills
+    the child, which ends the wait at once."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         proc = subprocess.Popen(
@@ -119,15 +129,19 @@ def _spawn(spec: LaunchSpec, index: int) -> tuple[subprocess.Popen[bytes], socke
         child.close()
         raise ModelLoadError(f"cannot start an executor process: {exc}") from exc
     child.close()
+    if attempt is not None:
+        timeout_s = attempt.remaining_s()
+        if not attempt.on_abandon(proc.kill):
+            proc.kill()  # abandoned before it started: the wait below reads EOF
     try:
-        parent.settimeout(LOAD_TIMEOUT_S)
+        parent.settimeout(timeout_s)
         wire.send(parent, ("init", spec, index))
         message, fds = wire.receive(parent)
         for fd in fds:
             os.close(fd)
     except (OSError, TimeoutError) as exc:
         message = None
-        why = f"no answer within {LOAD_TIMEOUT_S:.0f} s" if isinstance(exc, TimeoutError) else exc
+        why = f"no answer within {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else exc
         log.error("model '%s' instance %d: executor process: %s", spec.model_name, index, why)
     if message is None or message[0] != "ready":
         parent.close()
@@ -172,17 +186,24 @@ class ProcessExecutor:
         self._restart_tasks: set[asyncio.Task[None]] = set()
         self._backoff_s = RESTART_BACKOFF_S[0]
         self._gave_up = False  # every instance is down and the last restart failed
+        self._load_timeout_s = LOAD_TIMEOUT_S  # for restarts: the first load's budget
 
     # ---- loading (off the loop) ----------------------------------------------------
 
-    def launch(self) -> tuple[mc.ModelConfig, list[str], RuntimeInfo]:
-        """Starts every instance (blocking). Returns the config completed from
-        the graph, load notes and runtime info. Raises ModelLoadError; started
-        children are stopped then."""
+    def launch(
+        self, attempt: LoadAttempt | None = None
+    ) -> tuple[mc.ModelConfig, list[str], RuntimeInfo]:
+        """Starts every instance (blocking), within the attempt's budget.
+        Returns the config completed from the graph, load notes and runtime
+        info. Raises ModelLoadError; started children are stopped then."""
+        if attempt is not None and attempt.budget_s > 0:
+            self._load_timeout_s = attempt.budget_s
         ready: list[Any] = []
         try:
             for inst in self._instances:
-                inst.proc, inst.sock, info = _spawn(self._spec, inst.index)
+                inst.proc, inst.sock, info = _spawn(
+                    self._spec, inst.index, self._load_timeout_s, attempt
+                )
                 inst.started_ns = _core.monotonic_ns()
                 ready.append(info)
         except BaseException:
@@ -313,10 +334,12 @@ class ProcessExecutor:
             # a dead child also shows up as EOF on the socket and restarts.
             self._idle.append(inst)
             now = _core.monotonic_ns()
-            error = UnavailableError(
-                f"model {host.label} instance {inst.index}: cannot hand the batch to its "
-                f"executor process: {exc}"
-            )
+            if isinstance(exc, ConnectionError):  # EPIPE/ECONNRESET: the child is gone
+                what = f"the executor process died before it took this batch ({exc}); "
+                what += "the instance is restarting"
+            else:
+                what = f"cannot hand the batch to its executor process: {exc}"
+            error = UnavailableError(f"model {host.label} instance {inst.index}: {what}")
             host.deliver(
                 BatchOutcome(batch, ids, tickets, None, error, compute_start, now, now, now)
             )
@@ -511,7 +534,9 @@ class ProcessExecutor:
             await asyncio.sleep(self._backoff_s)
             self._backoff_s = min(self._backoff_s * 2, RESTART_BACKOFF_S[1])
             try:
-                proc, sock, _ = await asyncio.to_thread(_spawn, self._spec, inst.index)
+                proc, sock, _ = await asyncio.to_thread(
+                    _spawn, self._spec, inst.index, self._load_timeout_s
+                )
             except ModelLoadError as exc:
                 log.error(
                     "model %s instance %d: restart failed: %s", self._label(), inst.index, exc

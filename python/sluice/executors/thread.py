@@ -109,6 +109,10 @@ class ThreadExecutor:
                 # Drift windows after the results went back: the client's
                 # response never waits for them.
                 host.observe(outcome)
+                # Not held while waiting for the next batch: the batch's inputs
+                # and outputs are the size of its requests' payloads.
+                del outcome
+            del got, batch, expired
 
     def _run(self, host: ExecutorHost, batch: Any) -> BatchOutcome:
         compute_start = _core.monotonic_ns()

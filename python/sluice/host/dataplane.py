@@ -18,14 +18,20 @@ from typing import Any
 import numpy as np
 
 from sluice import _core, datatypes, limits
-from sluice.errors import InvalidArgumentError, NotFoundError, SluiceError, UnavailableError
+from sluice.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    SluiceError,
+    UnavailableError,
+    shown,
+)
 from sluice.host.lifecycle import IndexEntry, ModelManager, ModelVersion
 from sluice.host.routing import Route
 from sluice.host.validation import output_names as requested_outputs
 from sluice.host.validation import validate_inputs
 from sluice.monitoring.stats import InferStats
 from sluice.proto import model_config_pb2 as mc
-from sluice.repository.registry import Canary, Labels, LabelsError, Shadow, read_labels
+from sluice.repository.registry.labels import Canary, Labels, LabelsError, Shadow, read_labels
 from sluice.repository.rollout import outputs_agree
 
 Array = np.ndarray[Any, Any]
@@ -219,7 +225,7 @@ class DataPlane:
             versions = [v for m in self.models.models.values() for v in m.versions.values()]
         versions = [v for v in versions if v.ready]
         if name and not versions:
-            raise NotFoundError(f"requested model '{name}' is not available")
+            raise NotFoundError(f"requested model '{shown(name)}' is not available")
         return [VersionStatistics(v.name, str(v.version), v.stats) for v in versions]
 
     # ---- repository (Triton's model_repository extension) ----------------------
@@ -264,7 +270,7 @@ class DataPlane:
                 elif change.shadow is not None:
                     updated = dataclasses.replace(updated, shadow=change.shadow)
             except LabelsError as exc:
-                raise InvalidArgumentError(f"rollout for '{name}': {exc}") from None
+                raise InvalidArgumentError(f"rollout for '{shown(name)}': {exc}") from None
             return updated
 
         return await self.models.change_labels(name, apply)
@@ -295,7 +301,7 @@ class DataPlane:
         if version:
             mv = model.versions.get(version)
             if mv is None:
-                raise NotFoundError(f"model '{name}' has no loaded version {version}")
+                raise NotFoundError(f"model '{shown(name)}' has no loaded version {version}")
             monitors = [mv.drift] if mv.drift is not None else []
         else:
             monitors = [v.drift for _, v in sorted(model.versions.items()) if v.drift is not None]
@@ -359,9 +365,14 @@ class DataPlane:
         the requested outputs by name. Counts the outcome in `mv`'s statistics."""
         submitted = _core.monotonic_ns()
         received = request.received_ns or submitted
+        # --max-inflight-per-model counts every version of the model together.
+        owner = self.models.models.get(mv.name)
         mv.stats.inflight += 1
+        if owner is not None:
+            owner.inflight += 1
         try:
-            limits.current().check_inflight(mv.stats.inflight - 1, mv.name)
+            inflight = owner.inflight if owner is not None else mv.stats.inflight
+            limits.current().check_inflight(inflight - 1, mv.name)
             feeds, rows = validate_inputs(mv, request)
             output_names = requested_outputs(mv, request)
             scheduler = mv.scheduler
@@ -384,6 +395,8 @@ class DataPlane:
             raise
         finally:
             mv.stats.inflight -= 1
+            if owner is not None:
+                owner.inflight -= 1
         # As Triton's: the phases cover the scheduler and the model; the hop back
         # to the loop is in request_ns only (perf_analyzer shows it as overhead).
         mv.stats.record_request(

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from sluice import config as cfg
-from sluice.errors import InvalidArgumentError, ModelLoadError, NotFoundError, UnavailableError
+from sluice import defaults
+from sluice.errors import (
+    InvalidArgumentError,
+    ModelLoadError,
+    NotFoundError,
+    UnavailableError,
+    shown,
+)
+from sluice.executors.attempt import LoadAttempt, run_with_budget
 from sluice.host.loader import ExecutorLoader
 from sluice.host.routing import Route, Router
 from sluice.monitoring import InferStats
@@ -27,13 +35,16 @@ from sluice.repository import layout
 from sluice.repository.aspired import AspiredModel, model_names, read_aspired
 from sluice.repository.lifecycle import VersionState, check_transition
 from sluice.repository.policy import version_dirs
-from sluice.repository.registry import Labels, read_metadata, update_labels
+from sluice.repository.registry.labels import Labels, update_labels
+from sluice.repository.registry.metadata import read_metadata
 from sluice.repository.rollout import CanaryGuard, GuardLimits
 from sluice.repository.swap_policy import SwapPolicy, order
 from sluice.runtime import RuntimeInfo
 from sluice.scheduling import Scheduler
 
 log = logging.getLogger(__name__)
+
+DEFAULT_LOAD_TIMEOUT_S = defaults.MODEL_LOAD_TIMEOUT_S
 
 
 @dataclasses.dataclass
@@ -99,6 +110,8 @@ class Model:
     # The repository or an explicit load asks for this model (False once it is
     # unloaded or removed): strict readiness waits for every wanted model.
     wanted: bool = True
+    # Requests of every version accepted and not yet answered (--max-inflight-per-model).
+    inflight: int = 0
 
     def ready_versions(self) -> list[ModelVersion]:
         return [v for _, v in sorted(self.versions.items()) if v.ready]
@@ -141,8 +154,15 @@ class ModelManager:
         on_change: Callable[[], Awaitable[None]] | None = None,
         guard_limits: GuardLimits = GuardLimits(),  # noqa: B008 - frozen dataclass
         detailed_stats: bool = True,
+        load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
     ) -> None:
         self.repository = repository
+        self.load_timeout_s = load_timeout_s  # 0: no limit
+        # Loads abandoned after their budget whose thread still runs (thread
+        # executor: onnxruntime cannot be interrupted), by (model, version): the
+        # same version is not loaded again until it ends, so a load that hangs
+        # holds at most one thread.
+        self._abandoned: dict[tuple[str, int], LoadAttempt] = {}
         self.loader = loader
         self.swap_policy = swap_policy
         self.models: dict[str, Model] = {}
@@ -185,19 +205,20 @@ class ModelManager:
         Raises UnavailableError with the reason when no version of it is ready after."""
         layout.check_name(name)  # a client's name is data, never a path
         if not await asyncio.to_thread((self.repository / name).is_dir):
-            raise NotFoundError(f"no model folder '{name}' in {self.repository}")
+            raise NotFoundError(f"no model folder '{shown(name)}' in {self.repository}")
         async with self._lock:
             aspired = await asyncio.to_thread(read_aspired, self.repository, name, override)
             failures = await self._reconcile(aspired, retry_failed=True)
         await self._changed()
         model = self.models[name]
         if not model.ready_versions():
-            raise UnavailableError(f"failed to load '{name}': {model.unavailable_reason()}")
+            raise UnavailableError(f"failed to load '{shown(name)}': {model.unavailable_reason()}")
         if failures:
             # Something serves, but not everything that was asked for loaded.
             serving = ", ".join(str(v.version) for v in model.ready_versions())
             raise UnavailableError(
-                f"failed to load '{name}': {'; '.join(failures)}; version(s) {serving} keep serving"
+                f"failed to load '{shown(name)}': {'; '.join(failures)}; version(s) {serving} "
+                "keep serving"
             )
 
     async def unload(self, name: str) -> None:
@@ -207,7 +228,7 @@ class ModelManager:
             model = self.models.get(name)
             if model is None:
                 if not await asyncio.to_thread((self.repository / name).is_dir):
-                    raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+                    raise NotFoundError(f"Request for unknown model: '{shown(name)}' is not found")
                 return
             await self._unload_model(model, "unloaded")
         await self._changed()
@@ -292,8 +313,32 @@ class ModelManager:
             await self._retire(model.versions.pop(version), "replaced (resource-first)")
             old = None
         loop = asyncio.get_running_loop()
-        async with self._load_gate:
-            await asyncio.to_thread(self._load_version, model, new, loop)
+        label = f"model '{model.name}' version {version}"
+        stuck = self._abandoned.get((model.name, version))
+        if stuck is not None and stuck.thread is not None and stuck.thread.is_alive():
+            new.transition(
+                VersionState.FAILED,
+                f"an earlier load of this version ran past its {stuck.budget_s:g} s budget and "
+                "is still running (onnxruntime cannot interrupt session creation); not loading "
+                "it again until that ends",
+            )
+        else:
+            self._abandoned.pop((model.name, version), None)
+            attempt = LoadAttempt(label, self.load_timeout_s)
+            log.info("%s loading", label)
+            async with self._load_gate:
+                try:
+                    await run_with_budget(
+                        attempt, lambda: self._load_version(model, new, loop, attempt)
+                    )
+                except TimeoutError:
+                    reason = (
+                        f"loading took longer than its {self.load_timeout_s:g} s budget "
+                        "(--model-load-timeout-secs); abandoned"
+                    )
+                    new.transition(VersionState.FAILED, reason)
+                    log.error("%s failed to load: %s", label, reason)
+                    self._abandoned[(model.name, version)] = attempt
         if new.scheduler is not None:
             new.scheduler.executor.start()  # on the loop, before any request can reach it
         if new.ready or old is None or not old.ready:
@@ -337,18 +382,29 @@ class ModelManager:
         model.wanted = False
 
     def _load_version(
-        self, model: Model, mv: ModelVersion, loop: asyncio.AbstractEventLoop
+        self,
+        model: Model,
+        mv: ModelVersion,
+        loop: asyncio.AbstractEventLoop,
+        attempt: LoadAttempt,
     ) -> None:
-        # Runs on a worker thread; mutates only `mv`, which no request sees
-        # until it is swapped into the model's versions on the loop.
+        # Runs on the attempt's thread; mutates only `mv`, which no request sees
+        # until it is swapped into the model's versions on the loop, and only
+        # after committing (an abandoned attempt leaves `mv` to the loop).
         started = time.monotonic()
         try:
-            scheduler, info, notes = self._build(model, mv, loop)
+            scheduler, info, notes = self._build(model, mv, loop, attempt)
         except ModelLoadError as exc:
+            if not attempt.commit():
+                log.info("%s: abandoned load ended: %s", attempt.label, exc.message)
+                return
             mv.transition(VersionState.FAILED, exc.message)
             log.error("model '%s' version %d failed to load: %s", mv.name, mv.version, exc.message)
             return
         except Exception as exc:  # anything else while loading is this version's, not the server's
+            if not attempt.commit():
+                log.info("%s: abandoned load ended: %s", attempt.label, exc)
+                return
             reason = f"loading failed: {type(exc).__name__}: {exc}"
             mv.transition(VersionState.FAILED, reason)
             log.exception("model '%s' version %d failed to load", mv.name, mv.version)
@@ -373,14 +429,26 @@ class ModelManager:
         )
 
     def _build(
-        self, model: Model, mv: ModelVersion, loop: asyncio.AbstractEventLoop
+        self,
+        model: Model,
+        mv: ModelVersion,
+        loop: asyncio.AbstractEventLoop,
+        attempt: LoadAttempt,
     ) -> tuple[Scheduler, RuntimeInfo, list[str]]:
         """Loads the version on its executor (completing mv.config from the
         graph) and builds its scheduler. Raises ModelLoadError."""
         path = cfg.model_file(model.directory, mv.version, mv.config)
+        # The loader completes a copy: an abandoned load must not write into a
+        # config the loop may be reading (the version is listed, FAILED).
+        config = mc.ModelConfig()
+        config.CopyFrom(mv.config)
         executor, info, notes = self.loader.load(
-            mv.name, mv.version, path, model.directory, mv.config
+            mv.name, mv.version, path, model.directory, config, attempt
         )
+        if not attempt.commit():  # the budget ran out meanwhile: never served
+            executor.close()
+            raise ModelLoadError("abandoned after its load budget")
+        mv.config.CopyFrom(config)
         try:
             self._attach_drift(model, mv)
             scheduler = Scheduler(
@@ -433,7 +501,7 @@ class ModelManager:
         model, InvalidArgumentError for a labelled version with no folder."""
         directory = layout.model_dir(self.repository, name)  # a client's name: never a path
         if not await asyncio.to_thread(directory.is_dir):
-            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+            raise NotFoundError(f"Request for unknown model: '{shown(name)}' is not found")
         available = set(await asyncio.to_thread(version_dirs, directory))
 
         def checked(current: Labels) -> Labels:
@@ -441,7 +509,7 @@ class ModelManager:
             missing = sorted(updated.versions() - available)
             if missing:
                 raise InvalidArgumentError(
-                    f"model '{name}' has no version folder {', '.join(map(str, missing))}"
+                    f"model '{shown(name)}' has no version folder {', '.join(map(str, missing))}"
                 )
             return updated
 
@@ -490,7 +558,7 @@ class ModelManager:
     def model(self, name: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
+            raise NotFoundError(f"Request for unknown model: '{shown(name)}' is not found")
         return model
 
     def resolve(self, name: str, version: str) -> ModelVersion:
@@ -500,19 +568,23 @@ class ModelManager:
         if version:
             if not (version.isascii() and version.isdigit()) or version.startswith("0"):
                 raise NotFoundError(
-                    f"Request for unknown model: '{name}' version '{version}' is not found"
+                    f"Request for unknown model: '{shown(name)}' version '{shown(version)}' is "
+                    "not found"
                 )
             mv = model.versions.get(int(version))
             if mv is None:
                 raise NotFoundError(
-                    f"Request for unknown model: '{name}' version {version} is not found"
+                    f"Request for unknown model: '{shown(name)}' version {version} is not found"
                 )
             if not mv.ready:
                 raise UnavailableError(
-                    f"model '{name}' version {version} is not ready: {mv.reason or mv.state.value}"
+                    f"model '{shown(name)}' version {version} is not ready: "
+                    f"{mv.reason or mv.state.value}"
                 )
             return mv
         ready = model.ready_versions()
         if not ready:
-            raise UnavailableError(f"model '{name}' is not ready: {model.unavailable_reason()}")
+            raise UnavailableError(
+                f"model '{shown(name)}' is not ready: {model.unavailable_reason()}"
+            )
         return ready[-1]

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sluice.repository.registry import CANARY, Labels, update_labels
+from sluice.repository.registry.labels import CANARY, Labels, update_labels
 from sluice.repository.rollout import CanaryGuard, GuardLimits, pick_canary
 
 if TYPE_CHECKING:
@@ -140,7 +140,11 @@ class Router:
         )
         kind = reason.split(" ", 1)[0]  # "error", "p99", "outputs"
         canary.stats.rollbacks[kind] = canary.stats.rollbacks.get(kind, 0) + 1
-        model.labels = dataclasses.replace(model.labels, canary=None)  # routing changes now
+        # Routing changes now; the history entry matches what labels.json will say
+        # (the status page shows it as the last guard decision).
+        model.labels = dataclasses.replace(model.labels, canary=None).record(
+            CANARY, canary.version, "auto-rollback", reason
+        )
         model.guard = None
         version = canary.version
 

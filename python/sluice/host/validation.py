@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sluice import datatypes
-from sluice.errors import InvalidArgumentError
+from sluice.errors import InvalidArgumentError, shown
 from sluice.proto import model_config_pb2 as mc
 
 if TYPE_CHECKING:
@@ -88,12 +88,13 @@ def validate_inputs(mv: ModelVersion, request: InferRequest) -> tuple[dict[str, 
             # Not the client's name: labels must not grow with what clients send.
             mv.stats.count_schema_skew("(unknown)", "name")
             raise InvalidArgumentError(
-                f"unexpected inference input '{inp.name}' for model '{model}'; it expects "
+                f"unexpected inference input '{shown(inp.name)}' for model '{model}'; it "
+                "expects "
                 f"{', '.join(repr(n) for n in declared)}"
             )
         if inp.name in given:
             raise InvalidArgumentError(
-                f"input '{inp.name}' appears twice in the request for model '{model}'"
+                f"input '{shown(inp.name)}' appears twice in the request for model '{model}'"
             )
         given[inp.name] = inp
     if len(given) < len(sig.required) or any(n not in given for n in sig.required):
@@ -112,7 +113,7 @@ def validate_inputs(mv: ModelVersion, request: InferRequest) -> tuple[dict[str, 
         if inp.datatype != spec.datatype:
             mv.stats.count_schema_skew(name, "datatype")
             raise InvalidArgumentError(
-                f"inference input '{name}' data-type is '{inp.datatype}', but model "
+                f"inference input '{name}' data-type is '{shown(inp.datatype)}', but model "
                 f"'{model}' expects '{spec.datatype}'"
             )
         shape = inp.shape
@@ -161,7 +162,7 @@ def output_names(mv: ModelVersion, request: InferRequest) -> list[str]:
     for name in request.outputs:
         if name not in known:
             raise InvalidArgumentError(
-                f"unexpected inference output '{name}' for model '{mv.name}'; it has "
+                f"unexpected inference output '{shown(name)}' for model '{mv.name}'; it has "
                 f"{', '.join(repr(n) for n in known)}"
             )
     return list(request.outputs)

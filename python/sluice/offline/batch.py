@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from sluice.errors import SluiceError
 from sluice.offline import batch_io
 from sluice.offline.batch_io import InputSpec
 from sluice.proto import model_config_pb2 as mc
+
+if TYPE_CHECKING:  # grpc is imported only when scoring on a server
+    from sluice.client import ClientTls
 
 Array = np.ndarray[Any, Any]
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class BatchOptions:
     repository: Path | None = None
     version: int | None = None
     url: str | None = None
+    tls: ClientTls | None = None  # --url over TLS; None: plaintext
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     batch_size: int | None = None
     instances: int | None = None
@@ -134,11 +138,11 @@ def _output_types(config: mc.ModelConfig) -> dict[str, tuple[tuple[int, ...], np
 def _load_local(
     repository: Path, model: str, version: int | None, instances: int | None
 ) -> tuple[Any, mc.ModelConfig, mc.ModelConfig, Path, int]:
-    from sluice.repository import registry
     from sluice.repository.policy import version_dirs
+    from sluice.repository.registry.folders import check_model_name
     from sluice.runtime import RuntimeOptions, load_runtime
 
-    registry.check_model_name(model)
+    check_model_name(model)
     model_dir = repository / model
     if not model_dir.is_dir():
         raise BatchError(f"no model '{model}' in {repository}")
@@ -218,11 +222,18 @@ class RemoteScorer(Scorer):
     """A running server: one ModelStreamInfer stream per chunk, every batch of the
     chunk in flight on it (the server's batcher and instances do the rest)."""
 
-    def __init__(self, url: str, model: str, version: int | None, timeout_s: float):
-        from sluice.client import ClientError
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        version: int | None,
+        timeout_s: float,
+        tls: ClientTls | None = None,
+    ):
+        from sluice.client import ClientError, connection_hint
         from sluice.server.stream_client import StreamClient
 
-        self._client = StreamClient(url, timeout_s)
+        self._client = StreamClient(url, timeout_s, tls)
         self._client_error = ClientError
         self.model = model
         self.version = "" if version is None else str(version)
@@ -230,7 +241,8 @@ class RemoteScorer(Scorer):
             config = self._client.config(model, self.version)
         except ClientError as exc:
             self._client.close()
-            raise BatchError(f"{url}: {exc}") from None
+            hint = connection_hint(exc.message, tls)
+            raise BatchError(f"{url}: {exc}{hint}") from None
         if config.max_batch_size <= 0:
             self._client.close()
             raise BatchError(f"model '{model}' does not batch on the server (max_batch_size 0)")
@@ -367,7 +379,9 @@ def run(options: BatchOptions, scorer_factory: Callable[[], Scorer] | None = Non
             url = options.url
 
             def scorer_factory() -> Scorer:
-                return RemoteScorer(url, options.model, options.version, options.timeout_s)
+                return RemoteScorer(
+                    url, options.model, options.version, options.timeout_s, options.tls
+                )
         else:
             repository = options.repository
             assert repository is not None

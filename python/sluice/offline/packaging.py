@@ -42,7 +42,9 @@ from sluice.errors import SluiceError
 from sluice.monitoring import drift
 from sluice.offline import bundle
 from sluice.proto import model_config_pb2 as mc
-from sluice.repository import registry
+from sluice.repository import layout
+from sluice.repository.registry.folders import check_model_name
+from sluice.repository.registry.metadata import read_metadata
 from sluice.runtime import RuntimeOptions, available_cores, load_runtime, transform
 
 Array = np.ndarray[Any, Any]
@@ -492,7 +494,7 @@ def _steps(
 
 def _source(options: PackageOptions) -> tuple[mc.ModelConfig, mc.ModelConfig, Path, Any]:
     """(config file as written, completed config, model file, runtime)."""
-    registry.check_model_name(options.model)
+    check_model_name(options.model)
     model_dir = options.repository / options.model
     if not model_dir.is_dir():
         raise PackageError(f"no model '{options.model}' in {options.repository}")
@@ -559,7 +561,7 @@ def package(options: PackageOptions) -> Packaged:
 
     reference = run_model(runtime, config, validation)
     version_dir = source_path.parent
-    metadata = registry.read_metadata(version_dir) or {}
+    metadata = read_metadata(version_dir) or {}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
@@ -761,7 +763,7 @@ def _write_version_metadata(
         "signature": (manifest["source"]["lineage"] or {}).get("signature"),
         "sluice_version": __version__,
     }
-    (packaged_dir / registry.METADATA_FILENAME).write_text(
+    (packaged_dir / layout.METADATA_FILENAME).write_text(
         json.dumps(metadata, indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
 

@@ -14,7 +14,7 @@ from sluice import config as cfg
 from sluice.errors import ModelLoadError
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository.policy import select_versions, version_dirs
-from sluice.repository.registry import Labels, read_labels
+from sluice.repository.registry.labels import Labels, read_labels
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,10 @@ MAX_NAME_BYTES = 255  # one folder name on every common filesystem
 MAX_SMALL_FILE_BYTES = 16 * 1024 * 1024  # labels.json, metadata.json, manifests
 MAX_PROFILE_BYTES = 256 * 1024 * 1024  # a drift profile (histograms per feature)
 
+# The registry's files in a model folder (sluice.repository.registry).
+LABELS_FILENAME = "labels.json"  # <model>/labels.json
+METADATA_FILENAME = "metadata.json"  # <model>/<version>/metadata.json
+
 
 def name_problem(name: str) -> str | None:
     """Why `name` is not a model name, or None when it is one."""

@@ -2,8 +2,9 @@
 to (stable, or the canary by weight), which requests are mirrored to a shadow,
 and the guards that roll a misbehaving canary back on their own.
 
-Decisions are pure functions of the labels (labels.json, see registry.py), the
-request id and a random draw, so they are cheap on the request path. Guards
+Decisions are pure functions of the labels (labels.json, see
+registry/labels.py), the request id and a random draw, so they are cheap on the
+request path. Guards
 keep a rolling window of the canary's outcomes and compare it with the stable
 version's on the same mirrored requests.
 """

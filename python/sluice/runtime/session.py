@@ -23,6 +23,7 @@ from sluice import config as cfg
 from sluice import datatypes
 from sluice.errors import ModelLoadError
 from sluice.proto import model_config_pb2 as mc
+from sluice.repository import layout
 from sluice.runtime.resources import available_cores
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,26 @@ def _param(config: mc.ModelConfig, key: str) -> str | None:
     return None
 
 
-def _providers(config: mc.ModelConfig) -> list[tuple[str, dict[str, str]]]:
-    """Execution providers the config asks for, in priority order, CPU last."""
+# Provider options that name a path the provider reads or writes: they resolve
+# inside the model's folder like every other file a model uses (a config override
+# from a client must not make the server write elsewhere).
+_PATH_OPTIONS = {
+    "tensorrt": ("trt_engine_cache_path",),
+    "openvino": ("cache_dir", "load_config"),
+}
+
+
+def _inside_model(model_dir: Path, accelerator: str, key: str, params: dict[str, str]) -> None:
+    """Replaces the path option `key` (when set) by its resolved form inside
+    `model_dir`; raises ModelLoadError for an absolute or escaping path."""
+    if key in params:
+        where = f"{accelerator} option {key}"
+        params[key] = str(layout.inside(model_dir, params[key], where))
+
+
+def _providers(config: mc.ModelConfig, model_dir: Path) -> list[tuple[str, dict[str, str]]]:
+    """Execution providers the config asks for, in priority order, CPU last.
+    Path options resolve inside `model_dir` (the model's folder)."""
     wanted: list[tuple[str, dict[str, str]]] = []
     gpu_kind = any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
     device_id = next((g.gpus[0] for g in config.instance_group if g.gpus), 0)
@@ -73,6 +92,8 @@ def _providers(config: mc.ModelConfig) -> list[tuple[str, dict[str, str]]]:
             for key in ("trt_engine_cache_enable", "trt_engine_cache_path"):
                 if key in params:
                     trt[key] = params[key]
+            for key in _PATH_OPTIONS["tensorrt"]:
+                _inside_model(model_dir, "tensorrt", key, trt)
             wanted.append((TENSORRT, trt))
         elif name == "cuda":
             wanted.append((CUDA, {"device_id": str(device_id)}))
@@ -82,7 +103,10 @@ def _providers(config: mc.ModelConfig) -> list[tuple[str, dict[str, str]]]:
         wanted.append((CUDA, {"device_id": str(device_id)}))
     for acc in config.optimization.execution_accelerators.cpu_execution_accelerator:
         if acc.name.lower() == "openvino":
-            wanted.append((OPENVINO, dict(acc.parameters)))
+            ov = dict(acc.parameters)
+            for key in _PATH_OPTIONS["openvino"]:
+                _inside_model(model_dir, "openvino", key, ov)
+            wanted.append((OPENVINO, ov))
         else:
             raise ModelLoadError(f"unknown cpu_execution_accelerator '{acc.name}'")
     wanted.append((CPU, {}))
@@ -200,15 +224,21 @@ class ModelRuntime:
         )
 
     def run(
-        self, inputs: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str]
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        output_names: Sequence[str],
+        run_options: ort.RunOptions | None = None,
     ) -> list[np.ndarray[Any, Any]]:
         """Runs one instance on `inputs`; returns the outputs in `output_names` order.
-        Raises onnxruntime's exception if the model fails on these inputs."""
+        Raises onnxruntime's exception if the model fails on these inputs, or
+        when `run_options.terminate` is set while it runs (warm-up abandoned)."""
         session = self._free.get()
         try:
             if self._bf16:
-                return self._run_ort_values(session, inputs, output_names)
-            outputs: list[np.ndarray[Any, Any]] = session.run(list(output_names), dict(inputs))
+                return self._run_ort_values(session, inputs, output_names, run_options)
+            outputs: list[np.ndarray[Any, Any]] = session.run(
+                list(output_names), dict(inputs), run_options
+            )
             return outputs
         finally:
             self._free.put(session)
@@ -218,6 +248,7 @@ class ModelRuntime:
         session: ort.InferenceSession,
         inputs: Mapping[str, np.ndarray[Any, Any]],
         output_names: Sequence[str],
+        run_options: ort.RunOptions | None = None,
     ) -> list[np.ndarray[Any, Any]]:
         # numpy cannot hand bfloat16 to onnxruntime's Python API directly: pass
         # the bits as uint16 tagged BFLOAT16, and read results back the same way.
@@ -229,7 +260,7 @@ class ModelRuntime:
                 )
             else:
                 feeds[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
-        values = session.run_with_ort_values(list(output_names), feeds)
+        values = session.run_with_ort_values(list(output_names), feeds, run_options)
         results: list[np.ndarray[Any, Any]] = []
         for name, value in zip(output_names, values, strict=True):
             if self._output_types[name] == "tensor(bfloat16)":
@@ -280,16 +311,20 @@ def load_runtime(
     model_name: str,
     options: RuntimeOptions,
     sessions_here: int | None = None,
+    model_dir: Path | None = None,
 ) -> tuple[ModelRuntime, list[str]]:
     """Creates one session per instance, completes and checks `config` against the
     graph (in place), and verifies the providers. Raises ModelLoadError.
 
     `sessions_here` creates only that many sessions (an executor process holds
-    one instance) while the thread budget still counts every instance."""
+    one instance) while the thread budget still counts every instance.
+    `model_dir` is the model's folder, where provider path options (TensorRT's
+    engine cache) must stay; by default the folder above the version folder
+    (`<model>/<version>/model.onnx`)."""
     if not path.is_file():
         raise ModelLoadError(f"model file {path.parent.name}/{path.name} not found")
     instances = instance_count(config)
-    providers = _providers(config)
+    providers = _providers(config, model_dir if model_dir is not None else path.parent.parent)
     fallback = _param(config, "execution_provider_fallback") or options.provider_fallback
     if fallback not in (FALLBACK_FAIL, FALLBACK_CPU):
         raise ModelLoadError(

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from sluice import datatypes
 from sluice.errors import ModelLoadError
@@ -93,13 +95,22 @@ def warm_up(
     config: mc.ModelConfig,
     model_dir: Path,
     budget_s: float = WARMUP_BUDGET_S,
+    on_abandon: Callable[[Callable[[], None]], bool] | None = None,
 ) -> None:
     """Runs warm-up requests on every instance. A configured warm-up that fails,
     or runs past `budget_s` (checked between runs), fails the load (as in
     Triton); a generated one only logs, since a model may legitimately reject
-    synthetic zeros."""
+    synthetic zeros.
+
+    `on_abandon` (a LoadAttempt's) registers a callback for when the load is
+    given up: it sets onnxruntime's terminate flag, so a warm-up run that would
+    go on for ever ends (onnxruntime checks the flag between nodes)."""
     outputs = [o.name for o in config.output]
     deadline = time.monotonic() + budget_s
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # a terminated run is expected here, not an error
+    if on_abandon is not None and not on_abandon(lambda: setattr(options, "terminate", True)):
+        raise ModelLoadError("the load was abandoned before warm-up")
     if config.model_warmup:
         try:
             requests = _configured_requests(config, model_dir)
@@ -115,7 +126,7 @@ def warm_up(
                         f"{budget_s:g} s budget"
                     )
                 try:
-                    runtime.run(feeds, outputs)
+                    runtime.run(feeds, outputs, options)
                 except Exception as exc:
                     raise ModelLoadError(
                         f"warm-up '{name}' of model '{config.name}' failed: {exc}"
@@ -124,7 +135,9 @@ def warm_up(
     feeds = _generated_request(config)
     for _ in range(runtime.instance_count):
         try:
-            runtime.run(feeds, outputs)
+            runtime.run(feeds, outputs, options)
         except Exception as exc:
+            if options.terminate:
+                raise ModelLoadError("warm-up stopped: the load was abandoned") from None
             log.warning("generated warm-up of model '%s' failed (ignored): %s", config.name, exc)
             return

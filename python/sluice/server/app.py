@@ -4,8 +4,10 @@ a fixed order (not ready -> stop accepting -> finish accepted -> unload)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 import sluice
 from sluice import defaults, limits
+from sluice.executors import attempt
 from sluice.host import DataPlane, ExecutorLoader, ModelManager
 from sluice.limits import RequestLimits
 from sluice.monitoring.cost import CostModel
@@ -30,11 +33,13 @@ from sluice.runtime import RuntimeOptions
 from sluice.server import security
 from sluice.server.edge import ErrorEdge
 from sluice.server.extension import SluiceServicer
+from sluice.server.frontends import Dispatcher, FrontendCollector, FrontendConfig, FrontendPool
 from sluice.server.inference import InferenceServicer
 from sluice.server.ports import ensure_free
 from sluice.server.rest import IDLE_TIMEOUT_S as HTTP_IDLE_TIMEOUT_S
 from sluice.server.rest import MAX_CONNECTIONS as HTTP_MAX_CONNECTIONS
 from sluice.server.rest import RestLimits, RestServer
+from sluice.server.status_page import ServerFacts, StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,11 @@ class ServerOptions:
     http_idle_timeout_s: float = HTTP_IDLE_TIMEOUT_S
     http_max_connections: int = HTTP_MAX_CONNECTIONS
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    # gRPC frontend processes on the gRPC port (server/frontends.py). 1 serves
+    # gRPC in this process; N > 1 starts N processes that forward to this one.
+    frontends: int = 1
+    # A version whose load takes longer is UNAVAILABLE with the reason (0: no limit).
+    model_load_timeout_s: float = defaults.MODEL_LOAD_TIMEOUT_S
 
 
 class SluiceServer:
@@ -99,6 +109,7 @@ class SluiceServer:
             swap_policy=options.swap_policy,
             on_change=self._set_health,
             detailed_stats=options.allow_metrics,
+            load_timeout_s=options.model_load_timeout_s,
         )
         self._poller: asyncio.Task[None] | None = None
         self._ready = False
@@ -121,34 +132,58 @@ class SluiceServer:
             else []
         )
         interceptors.append(ErrorEdge())
-        self._grpc = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", receive_limit),
-                ("grpc.max_send_message_length", limit),
-            ],
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), self._grpc
-        )
-        spb_grpc.add_SluiceServiceServicer_to_server(SluiceServicer(self.dataplane), self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        if options.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                self._grpc,
+        inference = InferenceServicer(self.dataplane)
+        extension = SluiceServicer(self.dataplane)
+        self._grpc: grpc.aio.Server | None = None
+        self._pool: FrontendPool | None = None
+        if options.frontends > 1:
+            # gRPC lives in the frontend processes; they forward here.
+            self._pool = FrontendPool(
+                options.frontends,
+                FrontendConfig(
+                    host=options.host,
+                    port=options.grpc_port,
+                    receive_limit=receive_limit,
+                    send_limit=limit,
+                    tls=_tls_config(options.grpc_tls),
+                    restrictions=[
+                        {"groups": sorted(r.groups), "header": r.header, "value": r.value}
+                        for r in options.grpc_restricted
+                    ],
+                    reflection=options.reflection,
+                    services=[SERVICE_NAME, EXTENSION_NAME],
+                ),
+                Dispatcher(inference, extension),
             )
+        else:
+            self._grpc = grpc.aio.server(
+                interceptors=interceptors,
+                options=[
+                    ("grpc.max_receive_message_length", receive_limit),
+                    ("grpc.max_send_message_length", limit),
+                ],
+            )
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)
+            spb_grpc.add_SluiceServiceServicer_to_server(extension, self._grpc)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            if options.reflection:
+                reflection.enable_server_reflection(
+                    (SERVICE_NAME, EXTENSION_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                    self._grpc,
+                )
         if not options.reuse_port:
             ensure_free(options.host, options.grpc_port, "gRPC", "--grpc-port")
             ensure_free(options.host, options.http_port, "HTTP", "--http-port")
         self.grpc_port = 0
-        if not options.grpc_listen_after_load:
+        if not options.grpc_listen_after_load and self._grpc is not None:
             self._listen_grpc()
         registry = (
             build_registry(self._version_views, sluice.__version__, options.cost)
             if options.allow_metrics
             else None
         )
+        if registry is not None and self._pool is not None:
+            registry.register(FrontendCollector(self._pool))
         # KServe v2 REST and /metrics on the HTTP port, on this same event loop.
         self._rest = RestServer(
             self.dataplane,
@@ -162,6 +197,7 @@ class SluiceServer:
             ),
             tls=security.ReloadingSslContext(options.http_tls) if options.http_tls else None,
             restricted=options.http_restricted,
+            status=StatusPage(self.dataplane, self._status_facts),
         )
         for warning in security.exposure_warnings(
             options.host, options.grpc_tls, options.http_tls, options.grpc_restricted
@@ -170,6 +206,7 @@ class SluiceServer:
         self.http_port = self._rest.port
 
     def _listen_grpc(self) -> None:
+        assert self._grpc is not None
         address = f"{self.options.host}:{self.options.grpc_port}"
         tls = self.options.grpc_tls
         if tls is not None:  # issue 15: TLS/mTLS, certificates reloaded on change
@@ -184,6 +221,18 @@ class SluiceServer:
         if not self._ready:
             return False
         return not (self.options.strict_readiness and self.models.unavailable())
+
+    def _status_facts(self) -> ServerFacts:
+        o = self.options
+        return ServerFacts(
+            sluice.__version__,
+            o.host,
+            self.grpc_port,
+            self.http_port,
+            o.allow_metrics,
+            o.cost,
+            o.frontends,
+        )
 
     def _version_views(self) -> Iterator[VersionView]:
         for m in list(self.models.models.values()):
@@ -202,28 +251,42 @@ class SluiceServer:
                     executor_restarts=scheduler.executor.restarts if scheduler is not None else 0,
                 )
 
-    async def _set_health(self) -> None:
-        overall = (
-            health_pb2.HealthCheckResponse.SERVING
-            if self.is_ready()
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self._health.set("", overall)
-        await self._health.set(SERVICE_NAME, overall)
+    def _health_statuses(self) -> dict[str, bool]:
+        """Serving or not, per gRPC health service name: the server, the
+        inference service, and each model."""
+        ready = self.is_ready()
+        statuses = {"": ready, SERVICE_NAME: ready}
         for name, model in self.models.models.items():
-            serving = self._ready and any(v.serving for v in model.ready_versions())
+            statuses[name] = self._ready and any(v.serving for v in model.ready_versions())
+        return statuses
+
+    async def _set_health(self) -> None:
+        statuses = self._health_statuses()
+        if self._pool is not None:
+            self._pool.push_health(statuses)
+        for service, serving in statuses.items():
             await self._health.set(
-                name,
+                service,
                 health_pb2.HealthCheckResponse.SERVING
                 if serving
                 else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
 
+    async def _start_grpc(self) -> None:
+        if self._pool is not None:
+            await self._pool.start()
+            self.grpc_port = self._pool.port
+            return
+        assert self._grpc is not None
+        if self.grpc_port == 0:
+            self._listen_grpc()
+        await self._grpc.start()
+
     async def start(self) -> None:
         """Listens first (live, not ready), loads the repository, then turns ready."""
         await self._set_health()
         if not self.options.grpc_listen_after_load:
-            await self._grpc.start()
+            await self._start_grpc()
         await self._rest.start()
         log.info(
             "listening: grpc %s:%s, http %s:%d",
@@ -242,8 +305,7 @@ class SluiceServer:
         if mode == "poll":
             self._poller = asyncio.create_task(self._poll(), name="sluice-repository-poll")
         if self.options.grpc_listen_after_load:
-            self._listen_grpc()
-            await self._grpc.start()
+            await self._start_grpc()
         self._ready = True
         await self._set_health()
 
@@ -269,8 +331,16 @@ class SluiceServer:
             await asyncio.sleep(self.options.drain_delay_seconds)
         await self._health.enter_graceful_shutdown()
         grace = self.options.grace_seconds
-        await asyncio.gather(self._grpc.stop(grace), self._rest.stop(grace))
+        grpc_stopped = self._pool.stop(grace) if self._pool is not None else self._grpc_stop(grace)
+        await asyncio.gather(grpc_stopped, self._rest.stop(grace))
         await self.models.unload_all()
+
+    async def _grpc_stop(self, grace: float) -> None:
+        assert self._grpc is not None
+        await self._grpc.stop(grace)
+
+    def frontend_pids(self) -> list[int]:
+        return self._pool.pids() if self._pool is not None else []
 
     def ready_banner(self) -> str:
         paths = "KServe v2 REST, /metrics" if self.options.allow_metrics else "KServe v2 REST"
@@ -279,6 +349,9 @@ class SluiceServer:
             f"http {self.options.host}:{self.http_port} ({paths})",
             f"model repository: {self.options.model_repository}",
         ]
+        if self._pool is not None:
+            pids = ", ".join(str(p) for p in self._pool.pids())
+            lines.insert(1, f"gRPC frontends: {self._pool.count} processes (pids {pids})")
         for name, model in sorted(self.models.models.items()):
             ready = [str(v.version) for v in model.ready_versions()]
             state = (
@@ -297,15 +370,37 @@ class SluiceServer:
         return "\n".join(lines)
 
 
+def _tls_config(tls: security.TlsOptions | None) -> dict[str, object] | None:
+    if tls is None:
+        return None
+    return {
+        "server_cert": str(tls.server_cert),
+        "server_key": str(tls.server_key),
+        "root_cert": str(tls.root_cert) if tls.root_cert else None,
+        "mutual": tls.mutual,
+    }
+
+
 async def serve(options: ServerOptions) -> None:
     server = SluiceServer(options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    print(server.ready_banner(), flush=True)
-    await stop.wait()
+    # A stop during the initial load ends it: loads still running are abandoned
+    # (executors/attempt.py), so a model that hangs never holds the exit.
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failed start raises here
+        print(server.ready_banner(), flush=True)
+        await stopping
+    else:
+        log.info("stopping during the initial load")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
     log.info("stopping: finishing accepted requests (grace %.0fs)", options.grace_seconds)
     await server.stop()
     log.info("stopped")
@@ -317,6 +412,7 @@ def run(options: ServerOptions) -> None:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         asyncio.run(serve(options))
+        _exit_past_abandoned_loads()
         return
     if sys.version_info >= (3, 11):
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -324,3 +420,22 @@ def run(options: ServerOptions) -> None:
     else:  # pragma: no cover
         uvloop.install()
         asyncio.run(serve(options))
+    _exit_past_abandoned_loads()
+
+
+def _exit_past_abandoned_loads() -> None:
+    """A load abandoned after its budget may still run in a thread (onnxruntime
+    cannot interrupt a session creation). Finalizing the interpreter under it
+    aborts the process (onnxruntime's globals are destroyed while that thread
+    uses them), so the server exits at once instead, with status 0: everything
+    it owns (ports, executors, models) is released by now."""
+    alive = attempt.abandoned_threads_alive()
+    if not alive:
+        return
+    log.warning(
+        "%d abandoned model load(s) still running in a thread; exiting without waiting", alive
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from sluice import _core, datatypes, limits
-from sluice.errors import InvalidArgumentError
+from sluice.errors import InvalidArgumentError, shown
 from sluice.host.dataplane import InferInput, InferOutput, InferRequest, InferResponse
 from sluice.proto import grpc_service_pb2 as pb
+from sluice.server import wire
 
 # Typed `contents` field for each datatype; FP16 and BF16 exist only as raw.
 _CONTENTS_FIELD = {
@@ -87,8 +88,7 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 def _name(name: str) -> str:
     """A client's name for an error message: one line, bounded."""
-    text = repr(name)[1:-1]
-    return text if len(text) <= 128 else text[:125] + "..."
+    return shown(name)
 
 
 def decode_raw(
@@ -148,7 +148,11 @@ def _decode_typed(
         raise InvalidArgumentError(f"{where}: value out of range for {dt.wire}: {exc}") from None
 
 
-def decode_request(msg: pb.ModelInferRequest, received_ns: int) -> InferRequest:
+def decode_request(
+    msg: pb.ModelInferRequest | wire.InferRequestMessage, received_ns: int
+) -> InferRequest:
+    """The data plane's request. Raw inputs become arrays over the received
+    bytes (no copy); a wire.InferRequestMessage then lets go of its views."""
     model_name = msg.model_name
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
@@ -175,7 +179,7 @@ def decode_request(msg: pb.ModelInferRequest, received_ns: int) -> InferRequest:
         else:
             data = _decode_typed(t, dt, where)
         inputs.append(InferInput(name, dt.wire, shape, data))
-    return InferRequest(
+    request = InferRequest(
         model_name=model_name,
         model_version=msg.model_version,
         id=msg.id,
@@ -184,6 +188,9 @@ def decode_request(msg: pb.ModelInferRequest, received_ns: int) -> InferRequest:
         parameters={k: _param_value(v) for k, v in msg.parameters.items()},
         received_ns=received_ns,
     )
+    if isinstance(msg, wire.InferRequestMessage):
+        msg.release()  # after everything above was read from it
+    return request
 
 
 def raw_bytes(out: InferOutput) -> bytes:
@@ -206,6 +213,33 @@ def _fill_typed(tensor: pb.ModelInferResponse.InferOutputTensor, out: InferOutpu
         if out.datatype == "BYTES":
             chunk = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in chunk]
         field.extend(chunk)
+
+
+def encode_response_for_wire(
+    resp: InferResponse, raw: bool
+) -> pb.ModelInferResponse | wire.InferResponseMessage:
+    """As encode_response, but raw outputs, and typed FP32/FP64/BOOL ones, stay
+    arrays until gRPC serializes the response (wire.serialize_infer_response
+    copies each once, into the bytes sent)."""
+    msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
+    msg.id = resp.id
+    use_raw = raw or any(o.datatype not in _CONTENTS_FIELD for o in resp.outputs)
+    if use_raw:
+        arrays: list[Any] = []
+        for out in resp.outputs:
+            msg.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.shape))
+            arrays.append(raw_bytes(out) if out.datatype == "BYTES" else out.data)
+        return wire.InferResponseMessage(msg, arrays)
+    typed: list[tuple[bytes, int, Any]] = []
+    for out in resp.outputs:
+        tensor = pb.ModelInferResponse.InferOutputTensor(
+            name=out.name, datatype=out.datatype, shape=list(out.shape)
+        )
+        number = wire.PACKED_FIELDS.get(out.datatype, 0)
+        if not number:  # varint or BYTES contents: protobuf encodes them
+            _fill_typed(tensor, out)
+        typed.append((tensor.SerializeToString(), number, out.data if number else None))
+    return wire.InferResponseMessage(msg, [], typed)
 
 
 def encode_response(resp: InferResponse, raw: bool) -> pb.ModelInferResponse:

@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from sluice.errors import public_message
+from sluice.server import wire
 from sluice.server.errors import as_sluice_error, grpc_status
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         UNEXPECTED.error("unexpected error", exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
     else:
-        await context.abort(grpc_status(error), error.message)
+        await context.abort(grpc_status(error), public_message(error.message))
 
 
 def error_text(exc: BaseException) -> str:
@@ -93,7 +95,7 @@ def error_text(exc: BaseException) -> str:
     if error is None:
         UNEXPECTED.error("unexpected error in a stream message", exc)
         return f"internal error: {type(exc).__name__}"
-    return error.message
+    return public_message(error.message)
 
 
 def _unary(
@@ -147,7 +149,7 @@ class ErrorEdge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler
-        wrapped = _unimplemented(method, handler) or _wrap(handler)
+        wrapped = _unimplemented(method, handler) or _wrap(handler, method)
         self._cache[method] = wrapped
         return wrapped
 
@@ -185,9 +187,11 @@ def _unimplemented(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
     return make(refuse, request_deserializer=deserialize, response_serializer=serialize)
 
 
-def _wrap(h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    deserialize = _safe(h.request_deserializer)
-    serialize = h.response_serializer
+def _wrap(h: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    # ModelInfer's tensors skip protobuf's copies (server/wire.py).
+    own_deserializer, own_serializer = wire.CODECS.get(method, (None, None))
+    deserialize = _safe(own_deserializer or h.request_deserializer)
+    serialize = own_serializer or h.response_serializer
     if h.unary_unary is not None and inspect.iscoroutinefunction(h.unary_unary):
         return grpc.unary_unary_rpc_method_handler(
             _unary(h.unary_unary), request_deserializer=deserialize, response_serializer=serialize

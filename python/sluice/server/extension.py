@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from sluice.errors import InvalidArgumentError
+from sluice.errors import InvalidArgumentError, shown
 from sluice.host.dataplane import (
     DataPlane,
     DriftReport,
@@ -17,7 +17,7 @@ from sluice.host.dataplane import (
 )
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.proto import sluice_service_pb2_grpc as spb_grpc
-from sluice.repository.registry import Canary, Labels, LabelsError, Shadow
+from sluice.repository.registry.labels import Canary, Labels, LabelsError, Shadow
 
 
 def rollout_message(name: str, labels: Labels) -> spb.Rollout:
@@ -103,7 +103,7 @@ def rollout_change(request: spb.SetRolloutRequest) -> RolloutChange:
             clear_shadow=request.clear_shadow,
         )
     except LabelsError as exc:
-        raise InvalidArgumentError(f"rollout for '{request.model_name}': {exc}") from None
+        raise InvalidArgumentError(f"rollout for '{shown(request.model_name)}': {exc}") from None
 
 
 def feedback_message(result: FeedbackResult) -> spb.FeedbackResponse:

@@ -13,18 +13,15 @@ import grpc
 from google.protobuf import json_format
 
 from sluice import _core
-from sluice.errors import InvalidArgumentError, SluiceError
-from sluice.host.dataplane import DataPlane, TensorMetadata
+from sluice.errors import InvalidArgumentError, SluiceError, shown
+from sluice.host.dataplane import DataPlane, InferResponse, TensorMetadata
 from sluice.monitoring.stats import Duration, InferStats
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 from sluice.proto import model_config_pb2 as mc
-from sluice.server import codec
+from sluice.server import codec, wire
 from sluice.server.edge import Undecodable, error_text
-
-# Responses not yet read by a stream's client, per stream: past this many the
-# stream stops reading requests until the client catches up (back-pressure).
-STREAM_WINDOW = 256
+from sluice.server.streaming import stream_replies, wants_request_order
 
 
 def _tensor_metadata(t: TensorMetadata) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -44,8 +41,8 @@ def config_override(model_name: str, parameters: dict[str, str]) -> mc.ModelConf
                 json_format.Parse(text, override)
             except json_format.ParseError as exc:
                 raise InvalidArgumentError(
-                    f"the config override for model '{model_name}' is not a valid "
-                    f"JSON ModelConfig: {exc}"
+                    f"the config override for model '{shown(model_name)}' is not a valid "
+                    f"JSON ModelConfig: {shown(str(exc), 160)}"
                 ) from None
         elif key.startswith("file:"):
             raise InvalidArgumentError(
@@ -168,9 +165,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ---- inference -----------------------------------------------------------
 
-    async def _infer(
-        self, msg: pb.ModelInferRequest, time_remaining_s: float | None = None
-    ) -> pb.ModelInferResponse:
+    async def _respond(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> tuple[InferResponse, bool]:
+        """The data plane's response, and whether the request used raw contents.
+        The request's tensors are released when this returns (before encoding)."""
         received_ns = _core.monotonic_ns()
         try:
             request = codec.decode_request(msg, received_ns)
@@ -180,61 +181,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         if time_remaining_s is not None:
             request.deadline_ns = max(1, int(time_remaining_s * 1e9))
-        response = await self._dp.infer(request)
-        return codec.encode_response(response, raw=bool(msg.raw_input_contents))
+        return await self._dp.infer(request), bool(msg.raw_input_contents)
+
+    async def infer_message(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> pb.ModelInferResponse:
+        response, raw = await self._respond(msg, time_remaining_s)
+        return codec.encode_response(response, raw)
+
+    async def infer_bytes(
+        self,
+        msg: pb.ModelInferRequest | wire.InferRequestMessage,
+        time_remaining_s: float | None = None,
+    ) -> bytes:
+        """The serialized response, written straight from the output arrays (the
+        frontend processes' path: the bytes travel on as they are)."""
+        response, raw = await self._respond(msg, time_remaining_s)
+        return wire.serialize_infer_response(codec.encode_response_for_wire(response, raw))
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        self,
+        request: pb.ModelInferRequest | wire.InferRequestMessage,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelInferResponse | wire.InferResponseMessage:
+        # server/wire.py parses and serializes this RPC without copying tensors.
+        response, raw = await self._respond(request, context.time_remaining())
+        return codec.encode_response_for_wire(response, raw)
+
+    async def stream_reply(
+        self, msg: pb.ModelInferRequest | wire.InferRequestMessage | Undecodable
+    ) -> pb.ModelStreamInferResponse:
+        """One stream message's reply: its response, or its error in-band."""
+        if isinstance(msg, Undecodable):
+            return pb.ModelStreamInferResponse(error_message=msg.message())
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self.infer_message(msg))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return stream_error(msg, exc)
 
     async def ModelStreamInfer(
         self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable],
+        request_iterator: AsyncIterator[
+            pb.ModelInferRequest | wire.InferRequestMessage | Undecodable
+        ],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        # Requests on one stream run concurrently; responses go back as they
-        # finish (clients match them by request id), errors in-band per request.
-        # At most STREAM_WINDOW requests are in flight or unread per stream.
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        pending: set[asyncio.Task[None]] = set()
+        ordered = wants_request_order(context.invocation_metadata())
+        async for reply in stream_replies(request_iterator, self.stream_reply, ordered=ordered):
+            yield reply
 
-        async def one(msg: pb.ModelInferRequest) -> None:
-            try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(msg))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reply = pb.ModelStreamInferResponse(error_message=error_text(exc))
-                reply.infer_response.id = msg.id
-                reply.infer_response.model_name = msg.model_name
-            await responses.put(reply)
 
-        async def read() -> None:
-            try:
-                async for msg in request_iterator:
-                    await window.acquire()  # released when its reply is yielded
-                    if isinstance(msg, Undecodable):
-                        await responses.put(
-                            pb.ModelStreamInferResponse(error_message=msg.message())
-                        )
-                        continue
-                    task = asyncio.create_task(one(msg))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                if pending:
-                    await asyncio.wait(set(pending))
-            finally:
-                await responses.put(None)  # whatever happened, the writer ends
-
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await responses.get()) is not None:
-                yield reply
-                window.release()
-            await reader  # surface a reader failure
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+def stream_error(
+    msg: pb.ModelInferRequest | wire.InferRequestMessage, exc: BaseException
+) -> pb.ModelStreamInferResponse:
+    """A failed stream message's reply: the error, with the request's id and model."""
+    reply = pb.ModelStreamInferResponse(error_message=error_text(exc))
+    reply.infer_response.id = msg.id
+    reply.infer_response.model_name = msg.model_name
+    return reply

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from sluice import _core
-from sluice.errors import InvalidArgumentError, SluiceError
+from sluice.errors import InvalidArgumentError, SluiceError, public_message, shown
 from sluice.host.dataplane import DataPlane, FeedbackLabel, TensorMetadata
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import sluice_service_pb2 as spb
@@ -39,6 +39,7 @@ from sluice.server.extension import (
 )
 from sluice.server.inference import config_override, statistics_message
 from sluice.server.security import ReloadingSslContext, Restriction, http_refusal
+from sluice.server.status_page import StatusPage
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ async def _error_edge(request: web.Request, handler: Handler) -> web.StreamRespo
         if error is None:
             UNEXPECTED.error(f"unexpected error in {request.method} {request.path}", exc)
             return _error(f"internal error: {type(exc).__name__}", 500)
-        return _error(error.message, http_status(error))
+        return _error(public_message(error.message), http_status(error))
 
 
 class _Refuse(asyncio.Protocol):
@@ -149,8 +150,10 @@ class RestServer:
         *,
         tls: ReloadingSslContext | None = None,
         restricted: Sequence[Restriction] = (),
+        status: StatusPage | None = None,
     ) -> None:
         self._dp = dataplane
+        self._status = status
         self._tls = tls
         self._restricted = tuple(restricted)
         self._registry = registry
@@ -192,6 +195,8 @@ class RestServer:
         r.add_post("/v2/models/{model}/rollout", self._set_rollout)
         if self._registry is not None:
             r.add_get("/metrics", self._metrics)
+        if self._status is not None:
+            self._status.register(app)  # / and /status
         return app
 
     async def start(self) -> None:
@@ -390,7 +395,7 @@ class RestServer:
         if not text:
             return 0
         if not text.isdigit() or len(text) > 18:
-            raise InvalidArgumentError(f"version must be a positive integer, got {text!r}")
+            raise InvalidArgumentError(f"version must be a positive integer, got '{shown(text)}'")
         return int(text)
 
     async def _drift(self, request: web.Request) -> web.Response:

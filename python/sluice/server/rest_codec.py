@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from sluice import datatypes
-from sluice.errors import InvalidArgumentError
+from sluice.errors import InvalidArgumentError, shown
 from sluice.host.dataplane import InferInput, InferOutput, InferRequest, InferResponse
 from sluice.server import codec
 
@@ -70,7 +70,7 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     for key, v in params.items():
         if not isinstance(v, bool | int | float | str):
             raise InvalidArgumentError(
-                f"{where} parameter '{key}' must be a bool, number or string"
+                f"{where} parameter '{shown(str(key))}' must be a bool, number or string"
             )
     return params
 
@@ -129,9 +129,11 @@ def decode_infer(
     try:
         header = orjson.loads(view[:json_end])
     except orjson.JSONDecodeError as exc:
-        raise InvalidArgumentError(f"the request's JSON cannot be parsed: {exc}") from None
+        raise InvalidArgumentError(
+            f"the request's JSON cannot be parsed: {shown(str(exc), 160)}"
+        ) from None
     header = _object(header, "the request")
-    where_req = f"request for model '{model_name}'"
+    where_req = f"request for model '{shown(model_name)}'"
     params = _parameters(header.get("parameters"), where_req)
     binary_default = params.get("binary_data_output", False) is True
     request_id = header.get("id", "")
@@ -147,11 +149,11 @@ def decode_infer(
         name = t.get("name")
         if not isinstance(name, str):
             raise InvalidArgumentError(f"an input of the {where_req} has no 'name' string")
-        where = f"input '{name}' for model '{model_name}'"
+        where = f"input '{shown(name)}' for model '{shown(model_name)}'"
         wire = t.get("datatype")
         dt = datatypes.BY_WIRE.get(wire) if isinstance(wire, str) else None
         if dt is None:
-            raise InvalidArgumentError(f"{where} has unknown datatype {wire!r}")
+            raise InvalidArgumentError(f"{where} has unknown datatype '{shown(str(wire))}'")
         if dt.numpy is None:
             raise InvalidArgumentError(f"{where}: {dt.wire} is not available in this build")
         shape = _shape(t.get("shape"), where)
@@ -191,10 +193,10 @@ def decode_infer(
         name = o.get("name")
         if not isinstance(name, str):
             raise InvalidArgumentError(f"an output of the {where_req} has no 'name' string")
-        oparams = _parameters(o.get("parameters"), f"output '{name}'")
+        oparams = _parameters(o.get("parameters"), f"output '{shown(name)}'")
         if oparams.get("classification"):
             raise InvalidArgumentError(
-                f"output '{name}': the classification extension is not supported"
+                f"output '{shown(name)}': the classification extension is not supported"
             )
         if "binary_data" in oparams:
             binary_outputs[name] = oparams["binary_data"] is True

@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from sluice import defaults
 from sluice.limits import RequestLimits
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,10 @@ GRPC_GROUPS: dict[str, frozenset[str]] = {
 }
 HTTP_GROUPS: dict[str, frozenset[str]] = {
     "health": frozenset({"/v2/health/live", "/v2/health/ready"}),
-    "metrics": frozenset({"/metrics"}),
+    # The status page (server/status_page.py) shows what /metrics exports (states,
+    # rates, latency, rollouts, drift, cost) plus load failure reasons: whoever may
+    # not scrape may not read it either.
+    "metrics": frozenset({"/metrics", "/", "/status", "/status/grafana-dashboard.json"}),
 }
 
 
@@ -309,59 +313,6 @@ def exposure_warnings(
     return out
 
 
-# ---- clients ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientTls:
-    """A client's TLS settings: the CA to trust (None: the system's), and a
-    client certificate and key for mutual TLS."""
-
-    root_cert: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
-    server_name: str | None = None  # override the name checked against the cert
-
-
-def make_channel(
-    url: str,
-    tls: ClientTls | None = None,
-    options: list[tuple[str, Any]] | None = None,
-) -> grpc.Channel:
-    """A synchronous channel to `url`: plaintext without `tls`, else TLS (mTLS
-    when the client certificate is given)."""
-    opts = list(options or [])
-    if tls is None:
-        return grpc.insecure_channel(url, options=opts)
-    if tls.server_name:
-        opts.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.secure_channel(url, client_credentials(tls), options=opts)
-
-
-def make_aio_channel(
-    url: str,
-    tls: ClientTls | None = None,
-    options: list[tuple[str, Any]] | None = None,
-) -> grpc.aio.Channel:
-    """As make_channel, for asyncio clients (sluice bench)."""
-    opts = list(options or [])
-    if tls is None:
-        return grpc.aio.insecure_channel(url, options=opts)
-    if tls.server_name:
-        opts.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(url, client_credentials(tls), options=opts)
-
-
-def client_credentials(tls: ClientTls) -> grpc.ChannelCredentials:
-    if (tls.client_cert is None) != (tls.client_key is None):
-        raise ValueError("a client certificate needs its key, and the key its certificate")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.root_cert) if tls.root_cert else None,
-        private_key=_read(tls.client_key) if tls.client_key else None,
-        certificate_chain=_read(tls.client_cert) if tls.client_cert else None,
-    )
-
-
 # ---- command line (sluice serve) --------------------------------------------------------
 
 
@@ -431,7 +382,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-inflight-per-model",
         type=int,
         default=RequestLimits.max_inflight_per_model,
-        help="requests of one model version in flight before RESOURCE_EXHAUSTED; 0 = no limit",
+        help="requests of one model (all its versions together) in flight before "
+        "RESOURCE_EXHAUSTED; 0 = no limit",
+    )
+    g.add_argument(
+        "--model-load-timeout-secs",
+        type=float,
+        default=defaults.MODEL_LOAD_TIMEOUT_S,
+        help="a model version whose load (session creation, warm-up) takes longer is "
+        "UNAVAILABLE with the reason and the server goes on; 0 = no limit",
     )
     g.add_argument("--http-timeout-secs", type=float, default=30.0, help="idle HTTP connection")
     g.add_argument(
@@ -467,6 +426,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     check_restrictions(http_restricted)
     if args.http_timeout_secs <= 0 or args.http_max_connections < 1:
         raise ValueError("--http-timeout-secs must be > 0 and --http-max-connections >= 1")
+    if not 0 <= args.model_load_timeout_secs < 1e9:
+        raise ValueError("--model-load-timeout-secs must be >= 0 (0: no limit)")
     return {
         "grpc_tls": _tls_from_args(args, "grpc"),
         "http_tls": _tls_from_args(args, "http"),
@@ -475,24 +436,10 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "reflection": args.reflection == "true",
         "http_idle_timeout_s": args.http_timeout_secs,
         "http_max_connections": args.http_max_connections,
+        "model_load_timeout_s": args.model_load_timeout_secs,
         "limits": RequestLimits(
             max_request_bytes=args.max_request_bytes,
             max_tensor_elements=args.max_tensor_elements,
             max_inflight_per_model=args.max_inflight_per_model,
         ),
     }
-
-
-def add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    """TLS options of sluice's own clients (infer, bench, ...)."""
-    g = parser.add_argument_group("TLS")
-    g.add_argument("--ssl", action="store_true", help="connect with TLS")
-    g.add_argument("--root-cert", type=Path, metavar="PEM", help="CA to trust (default: system)")
-    g.add_argument("--client-cert", type=Path, metavar="PEM", help="for mutual TLS")
-    g.add_argument("--client-key", type=Path, metavar="PEM", help="for mutual TLS")
-
-
-def client_tls_from_args(args: argparse.Namespace) -> ClientTls | None:
-    if not (args.ssl or args.root_cert or args.client_cert or args.client_key):
-        return None
-    return ClientTls(args.root_cert, args.client_cert, args.client_key)

@@ -23,11 +23,12 @@ Array = np.ndarray[Any, Any]
 
 
 class StreamClient:
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, tls: client.ClientTls | None = None) -> None:
         # Offline batches are large by design; the server enforces its own limit.
         self._channel = client.channel(
             url,
             [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+            tls,
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._timeout_s = timeout_s

@@ -137,3 +137,42 @@ def test_infer_input_errors_are_messages_not_tracebacks(
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+TLS_OPTIONS = {"--ssl", "--root-cert", "--client-cert", "--client-key"}
+
+
+def test_every_command_with_a_url_takes_the_tls_options() -> None:
+    talks_to_a_server = {
+        path: {o for action in parser._actions for o in action.option_strings}
+        for path, parser in parsers(cli.build_parser())
+        if "--url" in parser._option_string_actions and not path.endswith(" serve")
+    }
+    assert set(talks_to_a_server) >= {
+        f"sluice {c}" for c in ("infer", "bench", "drift", "feedback", "batch")
+    }
+    lacking = {path: TLS_OPTIONS - options for path, options in talks_to_a_server.items()}
+    assert {path: missing for path, missing in lacking.items() if missing} == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--client-cert", "{pem}"], "--client-cert and --client-key go together"),
+        (["--client-key", "{pem}"], "--client-cert and --client-key go together"),
+        (["--root-cert", "{missing}"], "argument --root-cert: cannot read"),
+    ],
+)
+def test_tls_options_are_checked_before_any_connection(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pem = tmp_path / "some.pem"
+    pem.write_text("not checked here\n")
+    values = {"pem": str(pem), "missing": str(tmp_path / "missing.pem")}
+    argv = ["drift", "m", "--url", "127.0.0.1:1", *[e.format(**values) for e in extra]]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err

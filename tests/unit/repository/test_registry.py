@@ -14,6 +14,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +26,22 @@ import pytest
 import sluice_proto_pool  # noqa: F401  (before any sluice import: see its docstring)
 from onnx import TensorProto, helper, numpy_helper
 from sluice import __version__, cli
-from sluice.repository import registry
+from sluice.repository.layout import LABELS_FILENAME
 from sluice.repository.policy import version_dirs
+from sluice.repository.registry.labels import (
+    STABLE,
+    Canary,
+    HistoryEntry,
+    Labels,
+    LabelsError,
+    Shadow,
+    promoted,
+    read_labels,
+    rollback_target,
+    rolled_back,
+    write_labels,
+)
+from sluice.repository.registry.publish import STAGING_PREFIX
 
 Tensor = tuple[str, str, int, Sequence[str | int]]  # (input, output, element type, shape)
 
@@ -87,7 +103,7 @@ def run_json(capsys: pytest.CaptureFixture[str], repo: pathlib.Path, *args: str)
 
 
 def staging_dirs(repo: pathlib.Path) -> list[pathlib.Path]:
-    return list(repo.rglob(f"{registry.STAGING_PREFIX}*"))
+    return list(repo.rglob(f"{STAGING_PREFIX}*"))
 
 
 def metadata(repo: pathlib.Path, model: str, version: int) -> dict[str, object]:
@@ -239,6 +255,19 @@ def test_publish_refuses_weights_in_external_files(
     assert list(repo.iterdir()) == []
 
 
+def test_only_publish_imports_onnx() -> None:
+    # onnx costs tens of ms and MB at start-up; the server, the labels and the
+    # read-only commands never need it. A fresh interpreter: this one has onnx.
+    check = (
+        "import sys\n"
+        "import sluice.server.app, sluice.cli.registry_commands\n"
+        "from sluice.repository.registry import inspect, labels, publish\n"
+        "assert 'onnx' not in sys.modules, 'imported onnx'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_crash_before_rename_leaves_no_visible_version(
     capsys: pytest.CaptureFixture[str],
     repo: pathlib.Path,
@@ -325,7 +354,7 @@ def test_bad_usage_exits_2(
     assert code == 2
     assert message in err
     assert version_dirs(repo / "demo") == [1]
-    assert not (repo / "demo" / registry.LABELS_FILENAME).exists()
+    assert not (repo / "demo" / LABELS_FILENAME).exists()
 
 
 def test_missing_repository_is_bad_usage(
@@ -593,18 +622,18 @@ def test_promote_and_rollback_keep_history(
 
     ok("promote", "demo", "1", "--label", "canary", "--weight", "0.5")
     assert ok("rollback", "demo") == "demo: stable 3 -> 2; canary 1 cleared"
-    labels = registry.read_labels(repo / "demo")
+    labels = read_labels(repo / "demo")
     assert (labels.stable, labels.canary) == (2, None)
     assert labels.history[-2:] == (
-        registry.HistoryEntry("stable", 3, labels.history[-2].at, "rollback"),
-        registry.HistoryEntry("canary", 1, labels.history[-1].at, "rollback"),
+        HistoryEntry("stable", 3, labels.history[-2].at, "rollback"),
+        HistoryEntry("canary", 1, labels.history[-1].at, "rollback"),
     )
     # Each rollback walks one promote further back, then there is nothing left.
     assert ok("rollback", "demo") == "demo: stable 2 -> 1"
     code, _, err = run(capsys, repo, "rollback", "demo")
     assert code == 1
     assert "no earlier stable version" in err
-    assert registry.read_labels(repo / "demo").stable == 1
+    assert read_labels(repo / "demo").stable == 1
 
 
 def test_promote_refusals(capsys: pytest.CaptureFixture[str], three_versions: pathlib.Path) -> None:
@@ -666,31 +695,31 @@ def test_rollback_to_a_deleted_version_is_refused(
     code, _, err = run(capsys, repo, "rollback", "demo")
     assert code == 1
     assert "no version 1" in err
-    assert registry.read_labels(repo / "demo").stable == 2  # unchanged
+    assert read_labels(repo / "demo").stable == 2  # unchanged
 
 
 def test_rollback_target_walks_back_one_promote_per_rollback() -> None:
-    labels = registry.Labels(stable=1)
+    labels = Labels(stable=1)
     for version in (2, 3, 4):
-        labels = registry.promoted(labels, registry.STABLE, version)
+        labels = promoted(labels, STABLE, version)
     targets = []
-    while (target := registry.rollback_target(labels)) is not None:
+    while (target := rollback_target(labels)) is not None:
         targets.append(target)
-        labels = registry.rolled_back(labels)
+        labels = rolled_back(labels)
     assert targets == [3, 2, 1]
-    labels = registry.promoted(labels, registry.STABLE, 4)
-    assert registry.rollback_target(labels) == 1
+    labels = promoted(labels, STABLE, 4)
+    assert rollback_target(labels) == 1
 
 
 def test_labels_round_trip_and_server_write(tmp_path: pathlib.Path) -> None:
-    labels = registry.Labels(
+    labels = Labels(
         stable=3,
-        canary=registry.Canary(4, 0.1),
-        shadow=registry.Shadow(5, 0.2),
-        history=(registry.HistoryEntry("stable", 2, "2026-01-01T00:00:00+00:00", "promote"),),
+        canary=Canary(4, 0.1),
+        shadow=Shadow(5, 0.2),
+        history=(HistoryEntry("stable", 2, "2026-01-01T00:00:00+00:00", "promote"),),
     )
-    registry.write_labels(tmp_path, labels)
-    assert registry.read_labels(tmp_path) == labels
+    write_labels(tmp_path, labels)
+    assert read_labels(tmp_path) == labels
     assert labels.versions() == {3, 4, 5}
     assert json.loads((tmp_path / "labels.json").read_text()) == {
         "stable": 3,
@@ -711,10 +740,10 @@ def test_labels_round_trip_and_server_write(tmp_path: pathlib.Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["labels.json"]  # no temp file left
 
     # The server's auto-rollback writes with an action: one more history entry.
-    written = registry.write_labels(
-        tmp_path, registry.Labels(stable=3), action="auto-rollback", detail="p99", version=4
+    written = write_labels(
+        tmp_path, Labels(stable=3), action="auto-rollback", detail="p99", version=4
     )
-    entry = registry.read_labels(tmp_path).history[-1]
+    entry = read_labels(tmp_path).history[-1]
     assert written.history == (entry,)
     assert (entry.label, entry.version, entry.action, entry.detail) == (
         "canary",
@@ -722,7 +751,7 @@ def test_labels_round_trip_and_server_write(tmp_path: pathlib.Path) -> None:
         "auto-rollback",
         "p99",
     )
-    assert registry.read_labels(tmp_path / "missing") == registry.Labels()
+    assert read_labels(tmp_path / "missing") == Labels()
 
 
 @pytest.mark.parametrize(
@@ -755,23 +784,23 @@ def test_labels_round_trip_and_server_write(tmp_path: pathlib.Path) -> None:
 )
 def test_labels_validation_errors(tmp_path: pathlib.Path, content: str, message: str) -> None:
     (tmp_path / "labels.json").write_text(content)
-    with pytest.raises(registry.LabelsError) as exc_info:
-        registry.read_labels(tmp_path)
+    with pytest.raises(LabelsError) as exc_info:
+        read_labels(tmp_path)
     assert isinstance(exc_info.value, ValueError)  # what the server's scan catches
     assert str(tmp_path / "labels.json") in str(exc_info.value)
     assert message in str(exc_info.value)
 
 
 def test_labels_constructed_in_code_are_validated() -> None:
-    with pytest.raises(registry.LabelsError, match=r"canary\.weight"):
-        registry.Canary(2, 1.01)
-    with pytest.raises(registry.LabelsError, match="stable"):
-        registry.Labels(stable=-1)
+    with pytest.raises(LabelsError, match=r"canary\.weight"):
+        Canary(2, 1.01)
+    with pytest.raises(LabelsError, match="stable"):
+        Labels(stable=-1)
 
 
 def test_null_labels_mean_unset(tmp_path: pathlib.Path) -> None:
     (tmp_path / "labels.json").write_text('{"stable": null, "canary": null, "shadow": null}')
-    assert registry.read_labels(tmp_path) == registry.Labels()
+    assert read_labels(tmp_path) == Labels()
 
 
 def test_publish_with_profile_stores_the_drift_reference(
