@@ -7,6 +7,9 @@
 #
 #   OUT=/tmp/out CARRY=/path/to/carry benchmarks/device_executors.sh [executors.py args]
 #
+# WORK (default: a new temporary folder) holds the build; WORK=... REUSE_BUILD=1
+# runs again without rebuilding.
+#
 # Default executors.py args: --measurement-interval 2000 --rounds 2 --max-minutes 8
 # (the device machine allows 10 minutes a command).
 #
@@ -48,6 +51,7 @@ log() { echo "[device_executors] $*" >&2; }
 
 # --- 1. carried Python packages, then sluice itself, into one target folder ---
 SITE="${WORK}/site"
+export PYTHONPATH="${SITE}${PYTHONPATH:+:${PYTHONPATH}}"
 pip_install() {
   "${PY}" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
     --no-index --target "${SITE}" "$@"
@@ -60,16 +64,20 @@ for w in "${CARRY}"/*.whl; do
     *) [ -e "${w}" ] && wheels+=("${w}") ;;
   esac
 done
-if [ "${#wheels[@]}" -gt 0 ]; then
-  log "installing ${#wheels[@]} carried wheels into ${SITE}"
-  pip_install "${wheels[@]}"
+if [ -n "${REUSE_BUILD:-}" ] && [ -d "${SITE}/sluice" ]; then
+  log "REUSE_BUILD: keeping ${SITE} and ${WORK}/src as they are"
+else
+  if [ "${#wheels[@]}" -gt 0 ]; then
+    log "installing ${#wheels[@]} carried wheels into ${SITE}"
+    pip_install "${wheels[@]}"
+  fi
+  # A clean copy of the tree: no build folder or venv of the machine it came from.
+  rm -rf "${WORK}/src" && mkdir -p "${WORK}/src"
+  tar -C "${SRC}" --exclude=./build --exclude='./.venv*' --exclude=./benchmarks/.repo \
+    --exclude=./benchmarks/.venv-perf --exclude=./carry -cf - . | tar -C "${WORK}/src" -xf -
+  log "building sluice (C++ core + generated protos) into ${SITE}"
+  (cd "${WORK}/src" && pip_install .)
 fi
-export PYTHONPATH="${SITE}${PYTHONPATH:+:${PYTHONPATH}}"
-# A clean copy of the tree: no build folder or venv of the machine it came from.
-tar -C "${SRC}" --exclude=./build --exclude='./.venv*' --exclude=./benchmarks/.repo \
-  --exclude=./benchmarks/.venv-perf --exclude=./carry -cf - . | (mkdir -p "${WORK}/src" && tar -C "${WORK}/src" -xf -)
-log "building sluice (C++ core + generated protos) into ${SITE}"
-(cd "${WORK}/src" && pip_install .)
 "${PY}" -c "import sluice, sluice._core; print('sluice', sluice.__version__, 'from', sluice.__file__)"
 # `sluice` for harness.sluice_server: the target folder has no console scripts
 # that name this interpreter, so write one.
@@ -113,8 +121,10 @@ export LD_LIBRARY_PATH="${libdir}\${LD_LIBRARY_PATH:+:\${LD_LIBRARY_PATH}}"
 exec taskset -c ${CLIENT_CPUS} "${real_pa}" "\$@"
 WRAP
 chmod +x "${PA_VENV}/bin/pa"
-"${PA_VENV}/bin/pa" --help 2>&1 | grep -q -- --concurrency-range || {
-  log "perf_analyzer does not run:"; "${PA_VENV}/bin/pa" --help 2>&1 | head -n 5 >&2; exit 1; }
+# perf_analyzer has no --help: it prints its usage and exits non-zero.
+help_out="$("${PA_VENV}/bin/pa" --help 2>&1 || true)"
+grep -q -- --concurrency-range <<<"${help_out}" || {
+  log "perf_analyzer does not run:"; head -n 5 <<<"${help_out}" >&2; exit 1; }
 export PERF_ANALYZER_VENV="${PA_VENV}"
 
 # --- 3. the benchmark: servers (and their executor processes) on SERVER_CPUS ------
