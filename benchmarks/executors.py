@@ -4,6 +4,9 @@ Usage::
 
     python benchmarks/executors.py                        # ~8 min on 2 cores
     python benchmarks/executors.py --measurement-interval 2000 --skip wide
+    # A/B: this checkout against a reference install (e.g. main before a change),
+    # tiny_mlp c=32 three times, servers in a rotated order each round:
+    python benchmarks/executors.py --skip wide,c1 --rounds 3 --ref-sluice REF/bin/sluice
 
 What it runs (perf_analyzer settings as batching.py; every server on free ports):
 
@@ -19,12 +22,19 @@ What it runs (perf_analyzer settings as batching.py; every server on free ports)
   against onnxruntime in-process at the same batch size and thread count,
   measured by this script just before (ort_ceiling.measure, interpolated).
 
+With ``--ref-sluice`` the same sluice runs also go to a reference install
+(servers ``thread-ref`` and ``process-ref``), so a change is measured against
+what it changes in one run. With ``--rounds N`` the tiny_mlp c=32 block runs N
+times; ratios are per round (each against that round's floor and baseline),
+and the tables show their medians.
+
 Writes results/executors-<timestamp>.json and prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -40,13 +50,17 @@ import request_path
 EXECUTORS = ("thread", "process")
 
 
-def _servers(repo: Path) -> dict[str, harness.Server]:
+def _servers(repo: Path, ref_sluice: str | None) -> dict[str, harness.Server]:
     servers = {
         "frontend": harness.baseline_server(repo / "tiny_mlp", frontend_only=True),
         "baseline": harness.baseline_server(repo / "tiny_mlp"),
     }
     for kind in EXECUTORS:
         servers[kind] = harness.sluice_server(repo, extra=("--executor", kind))
+        if ref_sluice:
+            servers[f"{kind}-ref"] = harness.sluice_server(
+                repo, extra=("--executor", kind), sluice=ref_sluice
+            )
     return servers
 
 
@@ -78,6 +92,7 @@ def _run(
     concurrency: int,
     pa_args: argparse.Namespace,
     deadline: float,
+    round_: int = 0,
 ) -> dict[str, Any]:
     run = batching.Run(
         model=model, variant=server, served=served, server=server, concurrency=concurrency
@@ -88,10 +103,17 @@ def _run(
     cpu1, t1 = request_path._cpu_s(pid), time.monotonic()
     after = _stats(url, served)
     served_requests = (run.throughput or 0) * (t1 - t0)
+    counted = None
+    if before is not None and after is not None:
+        # sluice counts what it served over exactly the CPU window; perf_analyzer's
+        # rate covers only its measurement windows (the baselines have no counter).
+        counted = after["inferences"] - before["inferences"]
+        served_requests = counted or served_requests
     row: dict[str, Any] = {
         "server": server,
         "model": served,
         "concurrency": concurrency,
+        "round": round_,
         "ok": run.ok,
         "error": run.error,
         "throughput": run.throughput,
@@ -100,6 +122,7 @@ def _run(
         "server_cpu_us_per_inference": (
             1e6 * (cpu1 - cpu0) / served_requests if served_requests else None
         ),
+        "counted_inferences": counted,
     }
     if before is not None and after is not None:
         executions = after["executions"] - before["executions"]
@@ -113,9 +136,16 @@ def _run(
     return row
 
 
-def _find(rows: Sequence[dict[str, Any]], server: str, model: str, c: int) -> dict[str, Any]:
+def _find(
+    rows: Sequence[dict[str, Any]], server: str, model: str, c: int, round_: int = 0
+) -> dict[str, Any]:
     for r in rows:
-        if (r["server"], r["model"], r["concurrency"]) == (server, model, c):
+        if (r["server"], r["model"], r["concurrency"], r.get("round", 0)) == (
+            server,
+            model,
+            c,
+            round_,
+        ):
             return r
     return {}
 
@@ -124,14 +154,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def summary(rows: Sequence[dict[str, Any]], ceiling: list[dict[str, float]]) -> list[list[str]]:
+def _median_ratio(
+    rows: Sequence[dict[str, Any]], key: str, a: tuple[str, str], b: tuple[str, str], c: int
+) -> float | None:
+    """Median over rounds of rows[a][key] / rows[b][key], each round against itself."""
+    rounds = sorted({r.get("round", 0) for r in rows})
+    ratios = [
+        q
+        for n in rounds
+        if (q := _ratio(_find(rows, *a, c, n).get(key), _find(rows, *b, c, n).get(key))) is not None
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def summary(
+    rows: Sequence[dict[str, Any]], ceiling: list[dict[str, float]], kinds: Sequence[str]
+) -> list[list[str]]:
     f = harness.fmt
-    base = _find(rows, "baseline", "tiny_mlp", 32)
-    floor = _find(rows, "frontend", "tiny_mlp", 32)
     base_c1 = _find(rows, "baseline", "tiny_mlp", 1)
     table = []
-    for kind in EXECUTORS:
-        tiny = _find(rows, kind, "tiny_mlp_batched", 32)
+    for kind in kinds:
+        tiny = ("tiny_mlp_batched", 32)
         c1 = _find(rows, kind, "tiny_mlp", 1)
         on = _find(rows, kind, "wide_mlp_batched", 32)
         off = _find(rows, kind, "wide_mlp", 32)
@@ -148,11 +191,20 @@ def summary(rows: Sequence[dict[str, Any]], ceiling: list[dict[str, float]]) -> 
         table.append(
             [
                 kind,
-                f(_ratio(tiny.get("throughput"), base.get("throughput")), ".2f") + "x",
                 f(
-                    _ratio(
-                        tiny.get("server_cpu_us_per_inference"),
-                        floor.get("server_cpu_us_per_inference"),
+                    _median_ratio(
+                        rows, "throughput", (kind, tiny[0]), ("baseline", "tiny_mlp"), 32
+                    ),
+                    ".2f",
+                )
+                + "x",
+                f(
+                    _median_ratio(
+                        rows,
+                        "server_cpu_us_per_inference",
+                        (kind, tiny[0]),
+                        ("frontend", "tiny_mlp"),
+                        32,
                     ),
                     ".2f",
                 )
@@ -160,6 +212,33 @@ def summary(rows: Sequence[dict[str, Any]], ceiling: list[dict[str, float]]) -> 
                 f(_ratio(server_ms, in_proc_ms), ".2f") + "x",
                 f(_ratio(on.get("throughput"), off.get("throughput")), ".2f") + "x",
                 f(p50_gap, "+.0f") + " us",
+            ]
+        )
+    return table
+
+
+def ab_summary(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """This checkout against the reference install, per executor (medians over rounds)."""
+    f = harness.fmt
+    table = []
+    for kind in EXECUTORS:
+        new, ref = (kind, "tiny_mlp_batched"), (f"{kind}-ref", "tiny_mlp_batched")
+        cpu = _median_ratio(rows, "server_cpu_us_per_inference", new, ref, 32)
+        tput = _median_ratio(rows, "throughput", new, ref, 32)
+        if cpu is None and tput is None:
+            continue
+        batch = [
+            statistics.median(v)
+            if (v := [r["avg_batch"] for r in rows if r["server"] == s and r.get("avg_batch")])
+            else None
+            for s in (kind, f"{kind}-ref")
+        ]
+        table.append(
+            [
+                kind,
+                f(cpu, ".3f") + "x",
+                f(tput, ".3f") + "x",
+                f(batch[0], ".2f") + " / " + f(batch[1], ".2f"),
             ]
         )
     return table
@@ -181,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="perf_analyzer -s (raise it on a busy machine: CPU per inference, the figure "
         "that matters here, does not need stable windows)",
     )
+    p.add_argument(
+        "--ref-sluice",
+        help="a `sluice` executable of a reference install: its thread and process "
+        "servers run beside this checkout's (A/B in one run)",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="times to run the tiny_mlp c=32 block")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -197,32 +282,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         sess = ort_ceiling.session(args.repo / "wide_mlp" / "1" / "model.onnx", 1)
         ceiling = [ort_ceiling.measure(sess, b, 2.0) for b in (1, 4, 8, 16, 32)]
         del sess
-    plan: list[tuple[str, str, str, int]] = []  # server, base model, served model, c
+    kinds = [*EXECUTORS, *(f"{k}-ref" for k in EXECUTORS if args.ref_sluice)]
+    # server, base model, served model, c, round
+    plan: list[tuple[str, str, str, int, int]] = []
     if "tiny" not in skip:
-        plan += [(s, "tiny_mlp", "tiny_mlp", 32) for s in ("frontend", "baseline")]
-        plan += [(k, "tiny_mlp", "tiny_mlp_batched", 32) for k in EXECUTORS]
+        tiny = [(s, "tiny_mlp", "tiny_mlp", 32) for s in ("frontend", "baseline")]
+        tiny += [(k, "tiny_mlp", "tiny_mlp_batched", 32) for k in kinds]
+        for n in range(args.rounds):
+            # A rotated order each round: no server always runs first or last.
+            shift = n % len(tiny)
+            plan += [(*t, n) for t in tiny[shift:] + tiny[:shift]]
+    # The reference install is measured on the tiny_mlp block only (the A/B).
     if "c1" not in skip:
-        plan += [(s, "tiny_mlp", "tiny_mlp", 1) for s in ("baseline", *EXECUTORS)]
+        plan += [(s, "tiny_mlp", "tiny_mlp", 1, 0) for s in ("baseline", *EXECUTORS)]
     if "wide" not in skip:
         for k in EXECUTORS:
-            plan += [(k, "wide_mlp", "wide_mlp_batched", 32), (k, "wide_mlp", "wide_mlp", 32)]
+            plan += [
+                (k, "wide_mlp", "wide_mlp_batched", 32, 0),
+                (k, "wide_mlp", "wide_mlp", 32, 0),
+            ]
     rows: list[dict[str, Any]] = []
-    servers = _servers(args.repo)
+    servers = _servers(args.repo, args.ref_sluice)
     try:
         urls = {}
         for name, server in servers.items():
             if any(s == name for s, *_ in plan):
                 urls[name] = server.start(timeout_s=180)
-        for server_name, model, served, c in plan:
+        for server_name, model, served, c, round_ in plan:
             proc = servers[server_name].proc
             assert proc is not None
             rows.append(
-                _run(server_name, urls[server_name], proc.pid, model, served, c, pa_args, deadline)
+                _run(
+                    server_name,
+                    urls[server_name],
+                    proc.pid,
+                    model,
+                    served,
+                    c,
+                    pa_args,
+                    deadline,
+                    round_,
+                )
             )
     finally:
         for server in servers.values():
             server.stop()
-    table = summary(rows, ceiling)
+    table = summary(rows, ceiling, kinds)
     headers = [
         "executor",
         "tiny c=32 / baseline",
@@ -233,13 +338,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print(harness.markdown_table(headers, table))
     print()
-    run_headers = ["server", "model", "c", "infer/s", "p50 us", "p99 us", "CPU us/inf", "avg batch"]
+    ab = ab_summary(rows) if args.ref_sluice else []
+    ab_headers = ["executor", "CPU per inference / ref", "infer/s / ref", "avg batch (ref)"]
+    if ab:
+        print(harness.markdown_table(ab_headers, ab))
+        print()
+    run_headers = [
+        "round",
+        "server",
+        "model",
+        "c",
+        "infer/s",
+        "p50 us",
+        "p99 us",
+        "CPU us/inf",
+        "avg batch",
+    ]
     f = harness.fmt
     print(
         harness.markdown_table(
             run_headers,
             [
                 [
+                    str(r["round"]),
                     r["server"],
                     r["model"],
                     str(r["concurrency"]),
@@ -262,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ort_ceiling_wide_mlp": ceiling,
         "runs": rows,
         "summary": {"headers": headers, "rows": table},
+        "ab_summary": {"headers": ab_headers, "rows": ab},
     }
     out.write_text(harness.to_json(result))
     print(f"wrote {harness.rel(out)}", file=sys.stderr)

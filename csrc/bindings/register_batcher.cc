@@ -49,7 +49,8 @@ class PyBatcher {
   // priority and timeout_ns come from clients: taken as Python ints and range
   // checked here, so a value out of range is a ValueError naming it (pybind11's
   // own conversion would raise a TypeError quoting the signature).
-  void Enqueue(uint64_t id, int32_t rows, uint64_t shape_key, const py::int_& priority,
+  // True when a consumer should look at the queue again (see Batcher::Enqueue).
+  bool Enqueue(uint64_t id, int32_t rows, uint64_t shape_key, const py::int_& priority,
                const py::int_& timeout_ns, bool force_timeout) {
     EnqueueArgs args;
     args.id = id;
@@ -58,7 +59,9 @@ class PyBatcher {
     args.priority = static_cast<uint32_t>(CheckedInt(priority, "priority", 0, UINT32_MAX));
     args.timeout_ns = CheckedInt(timeout_ns, "timeout_ns", 0, INT64_MAX);
     args.force_timeout = force_timeout;
-    ThrowIfError(batcher_.Enqueue(args));
+    bool decision_may_change = true;
+    ThrowIfError(batcher_.Enqueue(args, &decision_may_change));
+    return decision_may_change;
   }
 
   // None: stopped and drained. Otherwise (batch or None, expired list).

@@ -242,7 +242,8 @@ void Batcher::ForEachInOrderLocked(F&& f) const {
   }
 }
 
-Status Batcher::Enqueue(const EnqueueArgs& args) {
+Status Batcher::Enqueue(const EnqueueArgs& args, bool* decision_may_change) {
+  bool wake = true;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopped_) return Status(StatusCode::kUnavailable, "server is stopping");
@@ -290,13 +291,37 @@ Status Batcher::Enqueue(const EnqueueArgs& args) {
                           args.rows,
                           level,
                           on_timeout};
-    levels_[level - 1].push_back(pending);
+    std::deque<Pending>& queue = levels_[level - 1];
+    const size_t before = queue.size();
+    const uint64_t tail_shape_key = before > 0 ? queue.back().shape_key : 0;
+    queue.push_back(pending);
     ++level_depth_[level - 1];
     queued_rows_ += args.rows;
     if (pending.deadline_ns > 0) PushDeadlineLocked(pending);
+    wake = WakeNeededLocked(pending, before, tail_shape_key);
   }
-  cv_.notify_one();
+  // Waking a waiting worker for a request that cannot change its decision
+  // costs two context switches per request and forms nothing.
+  if (wake) cv_.notify_one();
+  if (decision_may_change != nullptr) *decision_may_change = wake;
   return Status::Ok();
+}
+
+// A request that joins the end of a run still under the cap, behind requests
+// of the same level and shape, with no deadline of its own, changes none of
+// the predicates of DecideLocked while a delay is configured: Full and Blocked
+// stay false, the oldest request (and so DelayElapsed) is the same, and no
+// deadline moves. Priority levels, the delayed queue, preferred sizes and SLO
+// mode can reorder or re-decide on any request, so they always wake.
+bool Batcher::WakeNeededLocked(const Pending& pending, size_t before,
+                               uint64_t tail_shape_key) const {
+  const bool simple = options_.batching && options_.max_queue_delay_ns > 0 &&
+                      options_.slo_target_ns <= 0 && options_.preferred_batch_sizes.empty() &&
+                      num_levels_ == 1 && delayed_.empty();
+  if (!simple) return true;
+  if (before == 0 || pending.deadline_ns > 0) return true;
+  if (pending.shape_key != tail_shape_key) return true;
+  return queued_rows_ >= BatchCapLocked();
 }
 
 Status Batcher::AdmitSloLocked(int32_t rows) const {

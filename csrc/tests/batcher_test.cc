@@ -338,6 +338,26 @@ TEST(BatcherTest, ExpiredReturnedBesideABatch) {
   EXPECT_EQ(p.ExpiredIds(), Ids{2});
 }
 
+TEST(BatcherTest, EnqueueSaysWhenTheDecisionMayChange) {
+  ManualClock clock;
+  Batcher batcher(Opts(4, 1000), clock);
+  bool changed = false;
+  ASSERT_TRUE(batcher.Enqueue(Req(1, 1, 7), &changed).ok());
+  EXPECT_TRUE(changed);  // the first request starts the delay
+  ASSERT_TRUE(batcher.Enqueue(Req(2, 1, 7), &changed).ok());
+  EXPECT_FALSE(changed);  // same run, under the cap: the wait is the same
+  ASSERT_TRUE(batcher.Enqueue(Req(3, 2, 7), &changed).ok());
+  EXPECT_TRUE(changed);  // 4 of 4 rows: full
+  Poller p;
+  EXPECT_EQ(p.Next(batcher), (Ids{1, 2, 3}));
+  ASSERT_TRUE(batcher.Enqueue(Req(4, 1, 7), &changed).ok());
+  EXPECT_TRUE(changed);
+  ASSERT_TRUE(batcher.Enqueue(Req(5, 1, 8), &changed).ok());
+  EXPECT_TRUE(changed);  // another shape blocks the run
+  ASSERT_TRUE(batcher.Enqueue(Timed(6, 50 * kUs), &changed).ok());
+  EXPECT_TRUE(changed);  // a deadline of its own
+}
+
 TEST(BatcherTest, DelayTimeoutIsServedAfterTheOtherLevels) {
   ManualClock clock;
   BatcherOptions options = Opts(8, 1000);

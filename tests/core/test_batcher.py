@@ -241,6 +241,73 @@ def test_exactly_once_property(
     assert sorted(out) == sorted(accepted)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["enq", "enq", "enq", "poll", "cancel", "tick"]),
+            st.integers(1, 4),
+            st.integers(0, 2),
+        ),
+        max_size=60,
+    ),
+    max_batch=st.integers(1, 8),
+    delay_us=st.sampled_from([0, 200]),
+    priority_levels=st.sampled_from([0, 2]),
+    preferred=st.sampled_from([[], [4]]),
+    timeout_us=st.sampled_from([0, 300]),
+)
+def test_enqueue_says_when_the_decision_may_change(
+    ops: list[tuple[str, int, int]],
+    max_batch: int,
+    delay_us: int,
+    priority_levels: int,
+    preferred: list[int],
+    timeout_us: int,
+) -> None:
+    """enqueue() returns False (and wakes no worker) only when polling again
+    would answer exactly as before: no batch, no expiry, the same wait."""
+    policy = _core.QueuePolicy()
+    policy.default_timeout_ns = timeout_us * US
+    b, clock = make(
+        max_batch=max_batch,
+        delay_us=delay_us,
+        default_queue_policy=policy,
+        priority_levels=priority_levels,
+        preferred_batch_sizes=[p for p in preferred if p <= max_batch],
+    )
+    next_id = 1
+    for op, rows, key in ops:
+        if op == "enq":
+            # What a consumer would decide now, once it took what was due.
+            while (before := b.poll_batch())[0] is not None or before[1]:
+                pass
+            changed = b.enqueue(next_id, min(rows, max_batch), key, priority=rows % 3)
+            next_id += 1
+            if not changed:
+                after = b.poll_batch()
+                assert after[0] is None
+                assert not after[1]
+                assert after[2] == before[2]
+        elif op == "poll":
+            b.poll_batch()
+        elif op == "cancel":
+            b.cancel(max(1, next_id - 1 - rows))
+        else:
+            clock.advance_ns(rows * 50 * US)
+
+
+def test_enqueue_stays_quiet_while_a_run_waits_for_its_delay() -> None:
+    b, _ = make(max_batch=4, delay_us=500)
+    assert b.enqueue(1, 1, 7)  # the first request: a consumer must start the delay
+    assert not b.enqueue(2, 1, 7)  # joins the same run under the cap: nothing changes
+    assert b.enqueue(3, 1, 8)  # another shape blocks the run: it runs now
+    assert take(b)[0] == [1, 2]
+    assert not b.enqueue(4, 1, 8)  # behind 3, same shape: 2 of 4 rows
+    assert b.enqueue(5, 2, 8)  # 4 of 4 rows: the run is full
+    assert take(b)[0] == [3, 4, 5]
+
+
 def test_exactly_once_with_threads_on_the_steady_clock() -> None:
     o = _core.BatcherOptions()
     o.max_batch_size = 16

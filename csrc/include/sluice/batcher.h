@@ -123,7 +123,11 @@ class Batcher {
   // Queues a request. Fails (and keeps nothing) with kInvalidArgument for bad
   // rows, kResourceExhausted when the level's queue is full ("exceeds maximum
   // queue size") or SLO admission predicts a miss, kUnavailable after Stop().
-  Status Enqueue(const EnqueueArgs& args);
+  // On success, *decision_may_change (when given) says whether this request can
+  // change what a consumer waiting for the next batch decides; only then is a
+  // waiting NextBatch woken, and only then does an event-driven caller need to
+  // poll again (see WakeNeededLocked).
+  Status Enqueue(const EnqueueArgs& args, bool* decision_may_change = nullptr);
 
   // Blocks until a batch is ready and returns true with it in *batch; requests
   // that expired while waiting are appended to *expired (the caller answers
@@ -194,6 +198,10 @@ class Batcher {
     size_t preferred_count = 0;  // longest prefix with a preferred row total; 0: none
   };
 
+  // False only when `pending` (queued just now, behind `before` requests of
+  // its level) leaves the formation rule's answer as it was: "wait until the
+  // oldest request's delay elapses". Locked.
+  bool WakeNeededLocked(const Pending& pending, size_t before, uint64_t tail_shape_key) const;
   const QueuePolicy& PolicyFor(uint32_t level) const;
   uint32_t LevelFor(uint32_t priority) const;
   std::deque<Pending>& QueueFor(uint32_t level);  // 0: the delayed queue

@@ -58,6 +58,7 @@ class ExecutorHost(Protocol):
     except `take_tickets`, `split` and `observe`, which are thread-safe."""
 
     label: str  # "'model' version N", for messages
+    observes: bool  # `observe` uses a batch's inputs (drift): worth handing them over
 
     def take_tickets(self, ids: Sequence[int]) -> list[Any]: ...
     def split(
@@ -88,7 +89,9 @@ class Executor(Protocol):
         """On the loop thread, once the version is about to serve."""
 
     def notify_enqueued(self) -> None:
-        """On the loop thread, after each successful enqueue."""
+        """On the loop thread, after a successful enqueue that may change the
+        batcher's decision (the batcher says which; a request that only joins a
+        run waiting for its delay does not call this)."""
 
     @property
     def restarts(self) -> int:

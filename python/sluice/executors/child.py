@@ -69,15 +69,17 @@ def _serve(sock: socket.socket) -> int:
     def new_out_slab(size: int) -> wire.Slab:
         return wire.Slab(size)
 
+    receive = wire.Receiver()
     while True:
-        message, fds = wire.receive(sock)
+        message, fds = receive(sock)
         if message is None or message[0] == "stop":
             return 0
         if fds:
             if in_slab is not None:
                 in_slab.close()
             in_slab = wire.Slab(os.fstat(fds[0]).st_size, fds[0])
-        _, token, slots, output_names = message
+        _, token, wired, output_names = message
+        slots = wire.from_wire(wired)
         if in_slab is None:
             wire.send(sock, ("error", token, "no input slab was shared"))
             continue
@@ -95,7 +97,7 @@ def _serve(sock: socket.socket) -> int:
         del feeds, results, arrays
         wire.send(
             sock,
-            ("done", token, out_slots, infer_start, infer_end),
+            ("done", token, wire.wire_slots(out_slots), infer_start, infer_end),
             [out_slab.fd] if replaced else None,
         )
 

@@ -96,6 +96,7 @@ class _Instance:
         self.inflight: _InFlight | None = None
         self.started_ns = 0
         self.tokens = itertools.count(1)
+        self.receive = wire.Receiver()  # the loop's, for this instance's socket
 
 
 def _spawn(
@@ -320,7 +321,7 @@ class ProcessExecutor:
             infer_start = _core.monotonic_ns()
             wire.send(
                 inst.sock,
-                ("run", next(inst.tokens), slots, self._output_names),
+                ("run", next(inst.tokens), wire.wire_slots(slots), self._output_names),
                 [new_fd] if new_fd is not None else None,
             )
         except SluiceError as exc:
@@ -380,18 +381,20 @@ class ProcessExecutor:
         for name, dtype, shape, offset, data in plan:
             if isinstance(data, bytes):
                 mm[offset : offset + len(data)] = data
-                slots.append(wire.TensorSlot(name, dtype, shape, offset, len(data), True))
+                slots.append(
+                    wire.TensorSlot(name, wire.dtype_code(dtype), shape, offset, len(data), True)
+                )
                 continue
             nbytes = math.prod(shape) * dtype.itemsize
             out = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
             _core.gather_rows([as_bytes(p) for p in data], out)
-            slots.append(wire.TensorSlot(name, dtype, shape, offset, nbytes))
+            slots.append(wire.TensorSlot(name, wire.dtype_code(dtype), shape, offset, nbytes))
         return slots, new_fd
 
     def _on_readable(self, inst: _Instance) -> None:
         while inst.sock is not None:
             try:
-                message, fds = wire.receive(inst.sock)
+                message, fds = inst.receive(inst.sock)
             except BlockingIOError:
                 return
             except (OSError, ValueError) as exc:
@@ -424,7 +427,8 @@ class ProcessExecutor:
         error: SluiceError | None = None
         infer_start, infer_end = job.infer_start_ns, job.infer_start_ns
         if kind == "done":
-            _, _, slots, infer_start, infer_end = message
+            _, _, wired, infer_start, infer_end = message
+            slots = wire.from_wire(wired)
             try:
                 assert inst.out_slab is not None
                 # One copy out of the slab, so it is free for the next batch.
@@ -436,7 +440,7 @@ class ProcessExecutor:
         else:
             error = InternalError(f"onnxruntime failed to run model {host.label}: {message[2]}")
         feeds = None
-        if results is not None and inst.in_slab is not None:
+        if results is not None and inst.in_slab is not None and host.observes:
             # Views of the slab for the drift monitor; valid until the next batch.
             feeds = {s.name: wire.view(inst.in_slab.mm, s) for s in job.slots if not s.serialized}
         outcome = BatchOutcome(

@@ -27,6 +27,8 @@ from sluice.errors import (
 )
 from sluice.host.lifecycle import IndexEntry, ModelManager, ModelVersion
 from sluice.host.routing import Route
+from sluice.host.validation import output_names as requested_outputs
+from sluice.host.validation import validate_inputs
 from sluice.monitoring.stats import InferStats
 from sluice.proto import model_config_pb2 as mc
 from sluice.repository.registry.labels import Canary, Labels, LabelsError, Shadow, read_labels
@@ -150,10 +152,6 @@ def _int_param(request: InferRequest, key: str) -> int:
 def _shape_key(feeds: Mapping[str, np.ndarray[Any, Any]]) -> int:
     """Requests batch together only when every input's non-batch dims match."""
     return hash(tuple((name, arr.shape[1:]) for name, arr in feeds.items()))
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
 
 
 def _tensor_metadata(t: Any, max_batch_size: int) -> TensorMetadata:
@@ -375,8 +373,8 @@ class DataPlane:
         try:
             inflight = owner.inflight if owner is not None else mv.stats.inflight
             limits.current().check_inflight(inflight - 1, mv.name)
-            feeds, rows = self._validate_inputs(mv, request)
-            output_names = self._output_names(mv, request)
+            feeds, rows = validate_inputs(mv, request)
+            output_names = requested_outputs(mv, request)
             scheduler = mv.scheduler
             assert scheduler is not None  # set before the version turns READY
             if not scheduler.executor.available:
@@ -480,99 +478,3 @@ class DataPlane:
         except SluiceError:
             return
         mv.stats.record_failure(_core.monotonic_ns() - received_ns, error)
-
-    # ---- validation ------------------------------------------------------------
-
-    def _validate_inputs(
-        self, mv: ModelVersion, request: InferRequest
-    ) -> tuple[dict[str, np.ndarray[Any, Any]], int]:
-        config = mv.config
-        model = mv.name
-        declared = {t.name: t for t in config.input}
-        given: dict[str, InferInput] = {}
-        for inp in request.inputs:
-            if inp.name not in declared:
-                # Not the client's name: labels must not grow with what clients send.
-                mv.stats.count_schema_skew("(unknown)", "name")
-                raise InvalidArgumentError(
-                    f"unexpected inference input '{shown(inp.name)}' for model '{model}'; it "
-                    "expects "
-                    f"{', '.join(repr(n) for n in declared)}"
-                )
-            if inp.name in given:
-                raise InvalidArgumentError(
-                    f"input '{shown(inp.name)}' appears twice in the request for model '{model}'"
-                )
-            given[inp.name] = inp
-        missing = [n for n, t in declared.items() if n not in given and not t.optional]
-        if missing:
-            for m in missing:
-                mv.stats.count_schema_skew(m, "name")
-            raise InvalidArgumentError(
-                f"expected {len(declared)} inputs but got {len(given)} inputs for model "
-                f"'{model}'; missing required input(s) {', '.join(repr(m) for m in missing)}"
-            )
-        batch = 1
-        feeds: dict[str, np.ndarray[Any, Any]] = {}
-        batch_sizes: dict[str, int] = {}
-        for name, inp in given.items():
-            t = declared[name]
-            want = datatypes.wire_name(t.data_type)
-            if inp.datatype != want:
-                mv.stats.count_schema_skew(name, "datatype")
-                raise InvalidArgumentError(
-                    f"inference input '{name}' data-type is '{shown(inp.datatype)}', but model "
-                    f"'{model}' expects '{want}'"
-                )
-            dims = list(t.dims)
-            expected = ([-1] if config.max_batch_size > 0 else []) + dims
-            shape = inp.shape
-            if len(shape) != len(expected) or any(
-                e != -1 and s != e for s, e in zip(shape, expected, strict=True)
-            ):
-                mv.stats.count_schema_skew(name, "shape")
-                raise InvalidArgumentError(
-                    f"unexpected shape for input '{name}' for model '{model}'. Expected "
-                    f"{_shape_str(expected)}, got {_shape_str(shape)}"
-                )
-            data = inp.data
-            if config.max_batch_size > 0:
-                batch_sizes[name] = shape[0]
-                if t.HasField("reshape"):
-                    data = data.reshape((shape[0], *t.reshape.shape))
-            elif t.HasField("reshape"):
-                data = data.reshape(tuple(t.reshape.shape))
-            feeds[name] = data
-        if config.max_batch_size > 0 and batch_sizes:
-            sizes = set(batch_sizes.values())
-            if len(sizes) > 1:
-                for n in batch_sizes:
-                    mv.stats.count_schema_skew(n, "shape")
-                raise InvalidArgumentError(
-                    f"inputs of model '{model}' disagree on the batch size: "
-                    + ", ".join(f"'{n}' has {b}" for n, b in batch_sizes.items())
-                )
-            batch = sizes.pop()
-            if batch < 1 or batch > config.max_batch_size:
-                raise InvalidArgumentError(
-                    f"inference request batch-size must be between 1 and "
-                    f"{config.max_batch_size} for '{model}', got {batch}"
-                )
-        return feeds, batch
-
-    @staticmethod
-    def _output_names(mv: ModelVersion, request: InferRequest) -> list[str]:
-        known = [o.name for o in mv.config.output]
-        if not request.outputs:
-            return known
-        if len(set(request.outputs)) != len(request.outputs):
-            raise InvalidArgumentError(
-                f"a request for model '{mv.name}' asks for the same output more than once"
-            )
-        for name in request.outputs:
-            if name not in known:
-                raise InvalidArgumentError(
-                    f"unexpected inference output '{shown(name)}' for model '{mv.name}'; it has "
-                    f"{', '.join(repr(n) for n in known)}"
-                )
-        return list(request.outputs)

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from sluice import config as cfg
 from sluice import defaults
@@ -63,6 +64,7 @@ class ModelVersion:
     drift_reason: str = "the version has no drift profile (run sluice profile)"
     # Requests routed here and not yet answered (see Route). Drain waits for 0.
     leases: int = 0
+    signature: Any = None  # host.validation.Signature, read on the first request
     _no_leases: asyncio.Event | None = None
 
     def transition(self, new: VersionState, reason: str = "") -> None:

@@ -51,6 +51,12 @@ class Outcome:
     latency_s: float
 
 
+# The latency comparison (two percentiles over each window) runs on every this
+# many canary outcomes rather than on each: it is the guard's only cost that
+# grows with the window, and a slow canary is slow for many requests in a row.
+LATENCY_CHECK_EVERY = 8
+
+
 class CanaryGuard:
     """Rolling windows of the canary's outcomes and of stable's, both from the
     live traffic the router splits between them at the same time (so both see
@@ -63,28 +69,45 @@ class CanaryGuard:
         self.canary: collections.deque[Outcome] = collections.deque(maxlen=limits.window)
         self.agreement: collections.deque[bool] = collections.deque(maxlen=limits.window)
         self.stable_latency_s: collections.deque[float] = collections.deque(maxlen=limits.window)
+        # Running counts over the windows, so a verdict costs O(1) per request.
+        self._errors = 0
+        self._disagreements = 0
+        self._outcomes_since_latency_check = LATENCY_CHECK_EVERY
 
     def record_outcome(self, ok: bool, latency_s: float) -> None:
         """A canary request, success or error alike."""
-        self.canary.append(Outcome(ok, latency_s))
+        window = self.canary
+        if window and len(window) == window.maxlen and not window[0].ok:
+            self._errors -= 1  # the oldest leaves the window with this append
+        window.append(Outcome(ok, latency_s))
+        self._errors += not ok
+        self._outcomes_since_latency_check += 1
 
     def record_stable(self, latency_s: float) -> None:
         """A request the router sent to stable while the canary is live."""
         self.stable_latency_s.append(latency_s)
 
     def record_comparison(self, agrees: bool) -> None:
-        self.agreement.append(agrees)
+        window = self.agreement
+        if window and len(window) == window.maxlen and not window[0]:
+            self._disagreements -= 1
+        window.append(agrees)
+        self._disagreements += not agrees
 
     def verdict(self) -> str | None:
         lim = self.limits
         n = len(self.canary)
         if n < lim.min_requests:
             return None
-        errors = sum(not o.ok for o in self.canary)
+        errors = self._errors
         if errors / n > lim.max_error_rate:
             return f"error rate {errors / n:.1%} over {n} requests exceeds {lim.max_error_rate:.1%}"
-        latencies = [o.latency_s for o in self.canary if o.ok]
-        if latencies and len(self.stable_latency_s) >= lim.min_requests:
+        due = self._outcomes_since_latency_check >= LATENCY_CHECK_EVERY
+        latencies: list[float] = []
+        if due and len(self.stable_latency_s) >= lim.min_requests:
+            self._outcomes_since_latency_check = 0
+            latencies = [o.latency_s for o in self.canary if o.ok]
+        if latencies:
             canary_p50, canary_p99 = np.percentile(latencies, [50, 99]).tolist()
             stable_p50, stable_p99 = np.percentile(self.stable_latency_s, [50, 99]).tolist()
             # A slow canary is slow in its median too; a tail alone that
@@ -101,12 +124,12 @@ class CanaryGuard:
                     f"stable's {stable_p99 * 1e3:.2f} ms (p50 {canary_p50 * 1e3:.2f} ms "
                     f"against {stable_p50 * 1e3:.2f} ms)"
                 )
-        compared = list(self.agreement)
-        if len(compared) >= lim.min_requests:
-            diverged = sum(not a for a in compared) / len(compared)
+        compared = len(self.agreement)
+        if compared >= lim.min_requests:
+            diverged = self._disagreements / compared
             if diverged > lim.max_divergence:
                 return (
-                    f"outputs disagree with stable on {diverged:.1%} of {len(compared)} "
+                    f"outputs disagree with stable on {diverged:.1%} of {compared} "
                     f"compared requests (limit {lim.max_divergence:.1%})"
                 )
         return None

@@ -72,6 +72,7 @@ class Scheduler:
         self.label = f"'{name}' version {version}"
         self.loop = loop
         self._drift = drift
+        self.observes = drift is not None
         self._stats = stats
         self._threads = intra_op_threads
         self._options = batcher_options(config, executor.instance_count)
@@ -111,7 +112,9 @@ class Scheduler:
         binds = force and timeout == deadline_ns
         self._tickets[ticket_id] = Ticket(future, feeds, rows, binds)
         try:
-            self.batcher.enqueue(
+            # False when the request cannot change the batcher's decision (it
+            # joins a run that waits for its delay): no executor needs to look.
+            changed = self.batcher.enqueue(
                 ticket_id, rows, shape_key & 0xFFFF_FFFF_FFFF_FFFF, priority, timeout, force
             )
         except _core.StatusError as exc:
@@ -123,7 +126,8 @@ class Scheduler:
             del self._tickets[ticket_id]
             raise
         try:
-            self.executor.notify_enqueued()
+            if changed:
+                self.executor.notify_enqueued()
         except Exception as exc:
             # A broken executor must not strand the request in the queue.
             if self.batcher.cancel(ticket_id):

@@ -47,17 +47,36 @@ _MAX_ELEMENTS = 1 << 31
 _MAX_RANK = 32
 
 
-def element_count(shape: tuple[int, ...], where: str) -> int:
-    if any(d < 0 for d in shape):
+class Where:
+    """Names the input in an error message ("input 'x' for model 'm'"),
+    formatted only when an error is raised, not for every input of every request."""
+
+    __slots__ = ("input_name", "model_name")
+
+    def __init__(self, input_name: str, model_name: str) -> None:
+        self.input_name = input_name
+        self.model_name = model_name
+
+    def __str__(self) -> str:
+        return f"input '{_name(self.input_name)}' for model '{_name(self.model_name)}'"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def element_count(shape: tuple[int, ...], where: str | Where) -> int:
+    if shape and min(shape) < 0:
         raise InvalidArgumentError(f"{where} has a negative dim in shape {_shape(shape)}")
     if len(shape) > _MAX_RANK:
         raise InvalidArgumentError(f"{where} has {len(shape)} dims; at most {_MAX_RANK}")
+    count = math.prod(shape)  # Python ints: no silent int64 wrap-around
     # The product of the non-zero dims too: a zero-element tensor [0, 2^62, 2^62]
     # holds nothing but no array can take its shape (found by fuzzing).
-    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:
+    if count > _MAX_ELEMENTS or (count == 0 and math.prod(d for d in shape if d) > _MAX_ELEMENTS):
         raise InvalidArgumentError(f"{where}: shape {_shape(shape)} holds too many elements")
-    count = math.prod(shape)  # Python ints: no silent int64 wrap-around
-    limits.current().check_elements(count, where)
+    limit = limits.current()
+    if count > limit.max_tensor_elements:
+        limit.check_elements(count, str(where))
     return count
 
 
@@ -73,7 +92,7 @@ def _name(name: str) -> str:
 
 
 def decode_raw(
-    raw: bytes | memoryview, dt: datatypes.DataType, shape: tuple[int, ...], where: str
+    raw: bytes | memoryview, dt: datatypes.DataType, shape: tuple[int, ...], where: str | Where
 ) -> Any:
     count = element_count(shape, where)
     if dt.is_bytes:
@@ -96,7 +115,7 @@ def decode_raw(
 
 
 def _decode_typed(
-    tensor: pb.ModelInferRequest.InferInputTensor, dt: datatypes.DataType, where: str
+    tensor: pb.ModelInferRequest.InferInputTensor, dt: datatypes.DataType, where: Where
 ) -> Any:
     shape = tuple(tensor.shape)
     count = element_count(shape, where)
@@ -134,16 +153,17 @@ def decode_request(
 ) -> InferRequest:
     """The data plane's request. Raw inputs become arrays over the received
     bytes (no copy); a wire.InferRequestMessage then lets go of its views."""
-    model = _name(msg.model_name)
+    model_name = msg.model_name
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidArgumentError(
-            f"request for model '{model}' has {len(raw)} raw_input_contents for "
+            f"request for model '{_name(model_name)}' has {len(raw)} raw_input_contents for "
             f"{len(msg.inputs)} inputs; raw contents need one entry per input, in order"
         )
     inputs = []
     for i, t in enumerate(msg.inputs):
-        where = f"input '{_name(t.name)}' for model '{model}'"
+        name = t.name
+        where = Where(name, model_name)
         dt = datatypes.BY_WIRE.get(t.datatype)
         if dt is None:
             raise InvalidArgumentError(f"{where} has unknown datatype '{_name(t.datatype)}'")
@@ -158,9 +178,9 @@ def decode_request(
             data = decode_raw(raw[i], dt, shape, where)
         else:
             data = _decode_typed(t, dt, where)
-        inputs.append(InferInput(t.name, dt.wire, shape, data))
+        inputs.append(InferInput(name, dt.wire, shape, data))
     request = InferRequest(
-        model_name=msg.model_name,
+        model_name=model_name,
         model_version=msg.model_version,
         id=msg.id,
         inputs=inputs,
