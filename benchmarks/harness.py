@@ -177,10 +177,7 @@ class Server:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
-        # SLUICE_BENCH_SERVER_CPUS=0-7 pins every server to those cores (taskset),
-        # so a load generator pinned elsewhere does not share them.
-        cpus = os.environ.get("SLUICE_BENCH_SERVER_CPUS")
-        self.argv = (["taskset", "-c", cpus] if cpus else []) + list(argv)
+        self.argv = list(argv)
         self.ready_re = ready
         self.env = env
         self.proc: subprocess.Popen[str] | None = None

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The executors benchmark (benchmarks/executors.py) on a many-core Linux box
-# that cannot download anything: builds sluice from this source tree into a
-# target folder, then runs the benchmark with the servers on one set of cores
-# and perf_analyzer on the others, and writes the JSON result and the log to
-# $OUT.
+# A benchmark (default benchmarks/executors.py; BENCH=benchmarks/frontends.py
+# for the frontends one) on a many-core Linux box that cannot download
+# anything: builds sluice from this source tree into a target folder, then runs
+# the benchmark with the servers on one set of cores and perf_analyzer on the
+# others, and writes the JSON result and the log to $OUT.
 #
-#   OUT=/tmp/out CARRY=/path/to/carry benchmarks/device_executors.sh [executors.py args]
+#   OUT=/tmp/out CARRY=/path/to/carry benchmarks/device_bench.sh [benchmark args]
 #
 # WORK (default: a new temporary folder) holds the build; WORK=... REUSE_BUILD=1
 # runs again without rebuilding.
@@ -47,7 +47,7 @@ SERVER_CPUS="${SERVER_CPUS:-0-$((HALF - 1))}"
 CLIENT_CPUS="${CLIENT_CPUS:-${HALF}-$((NCPU - 1))}"
 mkdir -p "${OUT}" "${WORK}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${NCPU}"
-log() { echo "[device_executors] $*" >&2; }
+log() { echo "[device_bench] $*" >&2; }
 
 # --- 1. carried Python packages, then sluice itself, into one target folder ---
 SITE="${WORK}/site"
@@ -131,8 +131,10 @@ export PERF_ANALYZER_VENV="${PA_VENV}"
 log "servers on cores ${SERVER_CPUS}, perf_analyzer on ${CLIENT_CPUS}"
 args=("$@")
 [ "${#args[@]}" -gt 0 ] || args=(--measurement-interval 2000 --rounds 2 --max-minutes 8)
+BENCH="${BENCH:-benchmarks/executors.py}"
+name="$(basename "${BENCH}" .py)"
 cd "${WORK}/src"
-taskset -c "${SERVER_CPUS}" "${PY}" benchmarks/executors.py "${args[@]}" \
-  --out "${OUT}/executors-device.json" 2>&1 | tee "${OUT}/executors-device.log"
+taskset -c "${SERVER_CPUS}" "${PY}" "${BENCH}" "${args[@]}" \
+  --out "${OUT}/${name}-device.json" 2>&1 | tee "${OUT}/${name}-device.log"
 nproc > "${OUT}/cores.txt"
 echo "server cores ${SERVER_CPUS}; client cores ${CLIENT_CPUS}" >> "${OUT}/cores.txt"
