@@ -244,7 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out = args.out or harness.RESULTS_DIR / f"frontends-{harness.timestamp()}.json"
     out.write_text(
-        harness.to_json({"machine": harness.machine_info(), "args": vars(args), "rows": rows})
+        harness.to_json(
+            {
+                "machine": harness.machine_info(),
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "rows": rows,
+            }
+        )
     )
     print(f"\nwrote {harness.rel(out)}")
     return 0 if all(r["ok"] for r in rows) else 1
