@@ -114,14 +114,8 @@ def _run(
         "model": served,
         "concurrency": concurrency,
         "round": round_,
-        "ok": run.ok,
-        "error": run.error,
-        "throughput": run.throughput,
-        "p50_us": run.p50_us,
-        "p99_us": run.p99_us,
-        "server_cpu_us_per_inference": (
-            1e6 * (cpu1 - cpu0) / served_requests if served_requests else None
-        ),
+        **harness.run_figures(run),
+        "server_cpu_us_per_inference": harness.us_per(cpu1 - cpu0, served_requests),
         "counted_inferences": counted,
     }
     if before is not None and after is not None:

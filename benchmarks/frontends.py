@@ -73,19 +73,11 @@ def _run(
         "model": served,
         "concurrency": concurrency,
         "streaming": streaming,
-        "ok": run.ok,
-        "error": run.error,
-        "throughput": run.throughput,
-        "p50_us": run.p50_us,
-        "p99_us": run.p99_us,
-        "server_cpu_us_per_inference": (
-            1e6 * (cpu1 - cpu0) / served_requests if served_requests else None
-        ),
+        **harness.run_figures(run),
+        "server_cpu_us_per_inference": harness.us_per(cpu1 - cpu0, served_requests),
         # The server's main process alone: with --frontends N the host (data
         # plane, batching, thread executors), the rest being its frontends.
-        "host_cpu_us_per_inference": (
-            1e6 * (host1 - host0) / served_requests if served_requests else None
-        ),
+        "host_cpu_us_per_inference": harness.us_per(host1 - host0, served_requests),
         "avg_batch": harness.avg_batch(before, after),
     }
     print(f"[frontends] {row}", file=sys.stderr, flush=True)

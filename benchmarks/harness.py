@@ -293,6 +293,22 @@ def model_counts(url: str, model: str, timeout_s: float = 10.0) -> tuple[int, in
     return rows, batches
 
 
+def run_figures(run: Any) -> dict[str, Any]:
+    """The perf_analyzer figures every benchmark row records (a batching.Run)."""
+    return {
+        "ok": run.ok,
+        "error": run.error,
+        "throughput": run.throughput,
+        "p50_us": run.p50_us,
+        "p99_us": run.p99_us,
+    }
+
+
+def us_per(seconds: float, count: float) -> float | None:
+    """Microseconds per item (CPU per inference); None when nothing was counted."""
+    return 1e6 * seconds / count if count else None
+
+
 def avg_batch(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
     if before is None or after is None:
         return None

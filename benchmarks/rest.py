@@ -277,14 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "server": m.server,
                     "model": m.model,
                     "pa_args": m.pa_args,
-                    "ok": run.ok,
-                    "error": run.error,
-                    "throughput": run.throughput,
-                    "p50_us": run.p50_us,
-                    "p99_us": run.p99_us,
-                    "server_cpu_us_per_inference": (
-                        1e6 * (cpu1 - cpu0) / served if served else None
-                    ),
+                    **harness.run_figures(run),
+                    "server_cpu_us_per_inference": harness.us_per(cpu1 - cpu0, served),
                     "attempts": run.attempts,
                     "stability_pct": run.stability_pct,
                     "stabilised_on": run.stabilised_on,
