@@ -29,6 +29,7 @@ import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sluice.errors import public_message
 from sluice.proto import grpc_service_pb2 as pb
 from sluice.proto import sluice_service_pb2 as spb
 from sluice.server import frontend_wire as wire
@@ -79,7 +80,7 @@ def _failure(exc: BaseException) -> tuple[int, bytes]:
     if error is None:
         UNEXPECTED.error("unexpected error", exc)
         return _INTERNAL, f"internal error: {type(exc).__name__}".encode()
-    return grpc_status(error).value[0], error.message.encode()
+    return grpc_status(error).value[0], public_message(error.message).encode()
 
 
 class Dispatcher:
