@@ -157,21 +157,10 @@ def test_sane_config_passes_bounds() -> None:
 
 
 def test_configured_warmup_has_a_time_budget(tmp_path: Path) -> None:
-    import onnx
-    from onnx import TensorProto, helper
     from sluice.runtime import RuntimeOptions, load_runtime
     from sluice.runtime.warmup import warm_up
 
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    (tmp_path / "m" / "1").mkdir(parents=True)
-    onnx.save(model, str(tmp_path / "m" / "1" / "model.onnx"))
+    _identity_model(tmp_path)
     config = _config(
         "max_batch_size: 4 model_warmup [ { name: 'w' batch_size: 1 count: 3 inputs { key: 'x' "
         "value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]"
