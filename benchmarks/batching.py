@@ -109,6 +109,17 @@ def pa_settings(measurement_interval_ms: int) -> argparse.Namespace:
     )
 
 
+def pa_settings_with_stability(
+    measurement_interval_ms: int, stability_pct: int
+) -> argparse.Namespace:
+    """pa_settings with a caller's -s (a busy machine needs a looser one); the
+    retry is never stricter than the first attempt."""
+    args = pa_settings(measurement_interval_ms)
+    args.stability_pct = stability_pct
+    args.retry_stability_pct = max(stability_pct, RETRY_STABILITY_PCT)
+    return args
+
+
 def parse_csv(text: str) -> dict[str, str] | None:
     rows = list(csv.DictReader(io.StringIO(text)))
     # perf_analyzer writes one row per concurrency level, then (with server stats)

@@ -267,9 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness.install_cleanup()
     if not args.no_build:
         build_models.build(args.repo)
-    pa_args = batching.pa_settings(args.measurement_interval)
-    pa_args.stability_pct = args.stability_pct
-    pa_args.retry_stability_pct = max(args.stability_pct, batching.RETRY_STABILITY_PCT)
+    pa_args = batching.pa_settings_with_stability(args.measurement_interval, args.stability_pct)
     deadline = time.monotonic() + args.max_minutes * 60
     ceiling: list[dict[str, float]] = []
     if "wide" not in skip:
