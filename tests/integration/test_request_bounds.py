@@ -13,11 +13,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import pytest
 import tritonclient.grpc as tc
 from conftest import ServerProcess
-from onnx import TensorProto, helper
+from onnx_models import build_scaler
 from tritonclient.utils import InferenceServerException
 
 # Requests wait in the batcher up to the queue delay for a fuller batch: they
@@ -30,26 +29,12 @@ dynamic_batching { max_queue_delay_microseconds: 4000000 }
 """
 
 
-def scaled(path: Path, factor: float) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "k"], ["y"])],
-        "scaled",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor("k", TensorProto.FLOAT, [1], [factor])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-
-
 def test_max_inflight_counts_every_version_of_a_model_together(
     tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
     repo = tmp_path / "repo"
-    scaled(repo / "m" / "1" / "model.onnx", 1.0)
-    scaled(repo / "m" / "2" / "model.onnx", 2.0)
+    build_scaler(repo / "m" / "1" / "model.onnx", 1.0)
+    build_scaler(repo / "m" / "2" / "model.onnx", 2.0)
     (repo / "m" / "config.pbtxt").write_text(HELD_CONFIG)
     server = start_server(repo, "--max-inflight-per-model", "4")
     client = tc.InferenceServerClient(server.url)
@@ -111,7 +96,7 @@ def test_client_names_never_come_back_raw_in_errors(
     from sluice.proto import grpc_service_pb2_grpc as pb_grpc
 
     repo = tmp_path / "repo"
-    scaled(repo / "m" / "1" / "model.onnx", 1.0)
+    build_scaler(repo / "m" / "1" / "model.onnx", 1.0)
     (repo / "m" / "config.pbtxt").write_text(PLAIN_CONFIG)
     server = start_server(repo, "--model-control-mode", "explicit", "--load-model", "m")
     x = np.zeros((1, 4), np.float32).tobytes()

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
-from conftest import ServerProcess
+from conftest import ServerProcess, wait_until
 from onnx import TensorProto, helper
 from test_datatypes import SUFFIXES, WIRE
 from test_errors import BROKEN_CONFIG
@@ -503,10 +502,7 @@ def test_queue_full_is_429(server: ServerProcess, client: httpclient.InferenceSe
     t = threading.Thread(target=first)
     t.start()
     # The first request waits out its 1 s queue delay, filling the queue of one.
-    deadline = time.monotonic() + 10
-    while _pending(server, "mlp_small_queue") != 1:
-        assert time.monotonic() < deadline, "the first request never queued"
-        time.sleep(0.005)  # polling a server-side state, not waiting for time
+    wait_until("the first request to queue", lambda: _pending(server, "mlp_small_queue") == 1, 10)
     _client_error(
         lambda: client.infer("mlp_small_queue", [_input("x", x, "FP32", True)]),
         429,
@@ -708,10 +704,7 @@ def test_sigterm_answers_the_rest_request_in_flight(
     t = threading.Thread(target=in_flight)
     t.start()
     # It waits out the model's 1 s queue delay; stop the server meanwhile.
-    deadline = time.monotonic() + 10
-    while _pending(server, "mlp_small_queue") != 1:
-        assert time.monotonic() < deadline, "the request never queued"
-        time.sleep(0.005)  # polling a server-side state, not waiting for time
+    wait_until("the request to queue", lambda: _pending(server, "mlp_small_queue") == 1, 10)
     server.proc.send_signal(signal.SIGTERM)
     t.join(30)
     assert server.proc.wait(timeout=60) == 0, server.log[-3000:]
