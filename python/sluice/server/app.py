@@ -267,7 +267,8 @@ class SluiceServer:
     async def _set_health(self) -> None:
         statuses = self._health_statuses()
         if self._pool is not None:
-            self._pool.push_health(statuses)
+            self._pool.push_health(statuses)  # the frontends answer health
+            return
         for service, serving in statuses.items():
             await self._health.set(
                 service,
@@ -342,9 +343,6 @@ class SluiceServer:
     async def _grpc_stop(self, grace: float) -> None:
         assert self._grpc is not None
         await self._grpc.stop(grace)
-
-    def frontend_pids(self) -> list[int]:
-        return self._pool.pids() if self._pool is not None else []
 
     def ready_banner(self) -> str:
         paths = "KServe v2 REST, /metrics" if self.options.allow_metrics else "KServe v2 REST"

@@ -186,7 +186,7 @@ async def serve(fd: int) -> int:
     # (a broken start) exits rather than linger ignoring signals.
     config = await asyncio.wait_for(link.config, CONFIG_TIMEOUT_S)
     link.statuses = {**config["health"], **link.statuses}
-    link._max_body_bytes = int(config["max_frame_bytes"])
+    link.max_body_bytes = int(config["max_frame_bytes"])
     restrictions = _restrictions(config["restrictions"])
     interceptors = [security.RestrictedApiInterceptor(restrictions)] if restrictions else []
     server = grpc.aio.server(

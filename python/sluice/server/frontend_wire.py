@@ -77,7 +77,7 @@ class FrameProtocol(asyncio.Protocol):
     A frame longer than `max_body_bytes` is a broken peer: the connection closes."""
 
     def __init__(self, max_body_bytes: int) -> None:
-        self._max_body_bytes = max_body_bytes
+        self.max_body_bytes = max_body_bytes
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
 
@@ -104,7 +104,7 @@ class FrameProtocol(asyncio.Protocol):
         end_of_data = len(view)
         while end_of_data - pos >= size:
             body_bytes, call_id, kind, code, seconds = HEADER.unpack_from(view, pos)
-            if body_bytes > self._max_body_bytes:
+            if body_bytes > self.max_body_bytes:
                 assert self.transport is not None
                 self.transport.close()
                 return end_of_data
