@@ -141,12 +141,3 @@ def test_an_oversized_frame_closes_the_connection() -> None:
     protocol.data_received(wire.HEADER.pack(17, 1, wire.CALL, 0, -1.0) + b"x" * 17)
     assert transport.closed
     assert protocol.frames == []
-
-
-def test_a_stream_response_is_a_prefix_on_the_infer_response() -> None:
-    from sluice.proto import grpc_service_pb2 as pb
-
-    response = pb.ModelInferResponse(model_name="m", id="7")
-    response.raw_output_contents.append(b"\x01" * 300)  # a multi-byte length varint
-    wrapped = wire.stream_response_bytes(response.SerializeToString())
-    assert pb.ModelStreamInferResponse.FromString(wrapped).infer_response == response

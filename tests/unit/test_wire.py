@@ -13,6 +13,13 @@ from sluice.proto import grpc_service_pb2 as pb
 from sluice.server import codec, wire
 
 
+@pytest.fixture
+def walk_every_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split walk and the write from arrays for messages of any size
+    (small ones go to protobuf)."""
+    monkeypatch.setattr(wire, "SMALL_MESSAGE_BYTES", 0)
+
+
 def _request(raws: list[bytes]) -> pb.ModelInferRequest:
     msg = pb.ModelInferRequest(model_name="m", model_version="2", id="r1")
     msg.parameters["priority"].int64_param = 3
@@ -25,6 +32,7 @@ def _request(raws: list[bytes]) -> pb.ModelInferRequest:
 
 
 @pytest.mark.parametrize("raws", [[b"\x01\x02\x03"], [b"", b"abc" * 1000, bytes(range(256))]])
+@pytest.mark.usefixtures("walk_every_message")
 def test_parse_gives_protobufs_message_with_views(raws: list[bytes]) -> None:
     original = _request(raws)
     data = original.SerializeToString()
@@ -40,6 +48,7 @@ def test_parse_gives_protobufs_message_with_views(raws: list[bytes]) -> None:
     assert parsed.id == "r2"  # attributes read through to the message
 
 
+@pytest.mark.usefixtures("walk_every_message")
 def test_views_are_released_after_decode() -> None:
     x = np.arange(6, dtype=np.float32)
     msg = pb.ModelInferRequest(model_name="m")
@@ -55,9 +64,29 @@ def test_views_are_released_after_decode() -> None:
     assert isinstance(parsed, wire.InferRequestMessage)
     assert parsed.raw_input_contents == [b""]  # truthy still: the response goes raw
     assert parsed.model_name == "m"
-    assert not parsed.message.inputs  # the tensors are let go
+    assert not hasattr(parsed.message, "inputs")  # the tensors are let go
 
 
+def test_small_messages_are_protobufs_own_and_decode_the_same() -> None:
+    x = np.arange(6, dtype=np.float32)
+    msg = pb.ModelInferRequest(model_name="m", model_version="3", id="r9")
+    msg.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    msg.raw_input_contents.append(x.tobytes())
+    data = msg.SerializeToString()
+    assert len(data) <= wire.SMALL_MESSAGE_BYTES
+    parsed = wire.parse_infer_request(data)
+    assert parsed == msg  # a plain message: no walk for a few bytes
+    request = codec.decode_request(parsed, 5)
+    assert (request.model_name, request.model_version, request.id) == ("m", "3", "r9")
+    assert request.inputs[0].data.tolist() == x.reshape(2, 3).tolist()
+    assert request.received_ns == 5
+    big = pb.ModelInferRequest(model_name="m")
+    big.inputs.add(name="x", datatype="UINT8", shape=[wire.SMALL_MESSAGE_BYTES])
+    big.raw_input_contents.append(b"\x07" * wire.SMALL_MESSAGE_BYTES)
+    assert isinstance(wire.parse_infer_request(big.SerializeToString()), wire.InferRequestMessage)
+
+
+@pytest.mark.usefixtures("walk_every_message")
 def test_typed_requests_and_odd_messages() -> None:
     typed = pb.ModelInferRequest(model_name="m")
     typed.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
@@ -74,6 +103,7 @@ def test_typed_requests_and_odd_messages() -> None:
     assert wire.parse_infer_request(many.SerializeToString()) == many
 
 
+@pytest.mark.usefixtures("walk_every_message")
 def test_serialize_equals_protobufs_encoding() -> None:
     outputs = [
         InferOutput("y", "FP32", (2, 3), np.arange(6, dtype=np.float32).reshape(2, 3)),
@@ -95,3 +125,13 @@ def test_serialize_equals_protobufs_encoding() -> None:
     fast = wire.serialize_infer_response(codec.encode_response_for_wire(response, raw=False))
     # The same message, outputs in the same order, as protobuf's own encoding.
     assert pb.ModelInferResponse.FromString(fast) == codec.encode_response(response, raw=False)
+
+
+@pytest.mark.parametrize("size", [4, wire.SMALL_MESSAGE_BYTES])
+def test_stream_replies_are_the_stream_message_protobuf_would_write(size: int) -> None:
+    out = np.arange(size, dtype=np.float32).reshape(1, size)
+    response = InferResponse("m", "1", "id3", [InferOutput("y", "FP32", (1, size), out)])
+    for raw in (True, False):
+        reply = pb.ModelStreamInferResponse.FromString(codec.encode_stream_reply(response, raw))
+        assert reply.infer_response == codec.encode_response(response, raw)
+        assert not reply.error_message

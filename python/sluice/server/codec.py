@@ -153,43 +153,49 @@ def decode_request(
 ) -> InferRequest:
     """The data plane's request. Raw inputs become arrays over the received
     bytes (no copy); a wire.InferRequestMessage then lets go of its views."""
-    model_name = msg.model_name
+    # Per request: read each protobuf field once, build error text only to raise.
+    m = msg.message if isinstance(msg, wire.InferRequestMessage) else msg
     raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
+    model_name = m.model_name
+    tensors = m.inputs
+    if raw and len(raw) != len(tensors):
         raise InvalidArgumentError(
             f"request for model '{_name(model_name)}' has {len(raw)} raw_input_contents for "
-            f"{len(msg.inputs)} inputs; raw contents need one entry per input, in order"
+            f"{len(tensors)} inputs; raw contents need one entry per input, in order"
         )
     inputs = []
-    for i, t in enumerate(msg.inputs):
+    for i, t in enumerate(tensors):
         name = t.name
-        where = Where(name, model_name)
         dt = datatypes.BY_WIRE.get(t.datatype)
-        if dt is None:
-            raise InvalidArgumentError(f"{where} has unknown datatype '{_name(t.datatype)}'")
-        if dt.numpy is None:
+        if dt is None or dt.numpy is None:
+            where = Where(name, model_name)
+            if dt is None:
+                raise InvalidArgumentError(f"{where} has unknown datatype '{_name(t.datatype)}'")
             raise InvalidArgumentError(f"{where}: {dt.wire} is not available in this build")
         shape = tuple(t.shape)
         if raw:
             if t.HasField("contents"):
                 raise InvalidArgumentError(
-                    f"{where} sets contents while the request uses raw_input_contents"
+                    f"{Where(name, model_name)} sets contents while the request uses "
+                    "raw_input_contents"
                 )
-            data = decode_raw(raw[i], dt, shape, where)
+            data = decode_raw(raw[i], dt, shape, Where(name, model_name))
         else:
-            data = _decode_typed(t, dt, where)
+            data = _decode_typed(t, dt, Where(name, model_name))
         inputs.append(InferInput(name, dt.wire, shape, data))
+    wanted = m.outputs
+    params = m.parameters
     request = InferRequest(
-        model_name=model_name,
-        model_version=msg.model_version,
-        id=msg.id,
-        inputs=inputs,
-        outputs=[o.name for o in msg.outputs],
-        parameters={k: _param_value(v) for k, v in msg.parameters.items()},
-        received_ns=received_ns,
+        model_name,
+        m.model_version,
+        m.id,
+        inputs,
+        [o.name for o in wanted] if wanted else [],
+        {k: _param_value(v) for k, v in params.items()} if params else {},
+        received_ns,
     )
     if isinstance(msg, wire.InferRequestMessage):
-        msg.release()  # after everything above was read from it
+        msg.release(request.model_name, request.model_version, request.id)
     return request
 
 
@@ -215,12 +221,20 @@ def _fill_typed(tensor: pb.ModelInferResponse.InferOutputTensor, out: InferOutpu
         field.extend(chunk)
 
 
+def _small(resp: InferResponse) -> bool:
+    """Outputs small enough that protobuf's encoding (C, one copy more) costs
+    less than writing the message from the arrays (Python, per field)."""
+    return sum(o.data.nbytes for o in resp.outputs) <= wire.SMALL_MESSAGE_BYTES
+
+
 def encode_response_for_wire(
     resp: InferResponse, raw: bool
 ) -> pb.ModelInferResponse | wire.InferResponseMessage:
     """As encode_response, but raw outputs, and typed FP32/FP64/BOOL ones, stay
     arrays until gRPC serializes the response (wire.serialize_infer_response
-    copies each once, into the bytes sent)."""
+    copies each once, into the bytes sent). Small responses are protobuf's."""
+    if _small(resp):
+        return encode_response(resp, raw)
     msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
     msg.id = resp.id
     use_raw = raw or any(o.datatype not in _CONTENTS_FIELD for o in resp.outputs)
@@ -242,10 +256,26 @@ def encode_response_for_wire(
     return wire.InferResponseMessage(msg, [], typed)
 
 
-def encode_response(resp: InferResponse, raw: bool) -> pb.ModelInferResponse:
+def encode_stream_reply(resp: InferResponse, raw: bool) -> bytes:
+    """A serialized ModelStreamInferResponse holding the response."""
+    if _small(resp):
+        reply = pb.ModelStreamInferResponse()
+        encode_response(resp, raw, reply.infer_response)
+        return bytes(reply.SerializeToString())
+    message = encode_response_for_wire(resp, raw)
+    assert isinstance(message, wire.InferResponseMessage)
+    return wire.serialize_stream_response(message)
+
+
+def encode_response(
+    resp: InferResponse, raw: bool, msg: pb.ModelInferResponse | None = None
+) -> pb.ModelInferResponse:
     """Raw output contents when the request used raw (or an output has no typed
-    form, FP16/BF16); typed contents otherwise."""
-    msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
+    form, FP16/BF16); typed contents otherwise. Fills `msg` when given."""
+    if msg is None:
+        msg = pb.ModelInferResponse()
+    msg.model_name = resp.model_name
+    msg.model_version = resp.model_version
     msg.id = resp.id
     use_raw = raw or any(o.datatype not in _CONTENTS_FIELD for o in resp.outputs)
     for out in resp.outputs:

@@ -54,24 +54,6 @@ METHODS = _methods()
 STATUS_BY_CODE: dict[int, grpc.StatusCode] = {s.value[0]: s for s in grpc.StatusCode}
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# ModelStreamInferResponse field 2 (infer_response), wire type 2 (length-delimited):
-# wrapping a serialized ModelInferResponse costs a prefix, not a re-encode.
-_INFER_RESPONSE_TAG = b"\x12"
-
-
-def stream_response_bytes(infer_response: bytes) -> bytes:
-    return _INFER_RESPONSE_TAG + varint(len(infer_response)) + infer_response
-
-
 class FrameProtocol(asyncio.Protocol):
     """Splits the byte stream into frames; `frame_received` gets each one.
     A frame longer than `max_body_bytes` is a broken peer: the connection closes."""

@@ -143,12 +143,11 @@ class Dispatcher:
             reply = pb.ModelStreamInferResponse(error_message=Undecodable(reason).message())
             return 0, reply.SerializeToString()
         try:
-            response = await self._inference.infer_bytes(request)
+            return 0, await self._inference.stream_bytes(request)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             return 0, stream_error(request, exc).SerializeToString()
-        return 0, wire.stream_response_bytes(response)
 
 
 class FrontendConnection(wire.FrameProtocol):

@@ -183,23 +183,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request.deadline_ns = max(1, int(time_remaining_s * 1e9))
         return await self._dp.infer(request), bool(msg.raw_input_contents)
 
-    async def infer_message(
-        self,
-        msg: pb.ModelInferRequest | wire.InferRequestMessage,
-        time_remaining_s: float | None = None,
-    ) -> pb.ModelInferResponse:
-        response, raw = await self._respond(msg, time_remaining_s)
-        return codec.encode_response(response, raw)
-
-    async def infer_bytes(
-        self,
-        msg: pb.ModelInferRequest | wire.InferRequestMessage,
-        time_remaining_s: float | None = None,
-    ) -> bytes:
-        """The serialized response, written straight from the output arrays (the
-        frontend processes' path: the bytes travel on as they are)."""
-        response, raw = await self._respond(msg, time_remaining_s)
-        return wire.serialize_infer_response(codec.encode_response_for_wire(response, raw))
+    async def stream_bytes(self, msg: pb.ModelInferRequest | wire.InferRequestMessage) -> bytes:
+        """A stream message's reply, serialized (large outputs straight from
+        their arrays). Raises what the request failed with."""
+        response, raw = await self._respond(msg)
+        return codec.encode_stream_reply(response, raw)
 
     async def ModelInfer(
         self,
@@ -212,12 +200,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def stream_reply(
         self, msg: pb.ModelInferRequest | wire.InferRequestMessage | Undecodable
-    ) -> pb.ModelStreamInferResponse:
+    ) -> bytes | pb.ModelStreamInferResponse:
         """One stream message's reply: its response, or its error in-band."""
         if isinstance(msg, Undecodable):
             return pb.ModelStreamInferResponse(error_message=msg.message())
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self.infer_message(msg))
+            return await self.stream_bytes(msg)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -229,7 +217,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             pb.ModelInferRequest | wire.InferRequestMessage | Undecodable
         ],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[bytes | pb.ModelStreamInferResponse]:
         ordered = wants_request_order(context.invocation_metadata())
         async for reply in stream_replies(request_iterator, self.stream_reply, ordered=ordered):
             yield reply

@@ -30,6 +30,7 @@ from sluice.proto import grpc_service_pb2 as pb
 RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6  # ModelInferResponse.raw_output_contents
 OUTPUTS_FIELD = 5  # ModelInferResponse.outputs
+STREAM_INFER_RESPONSE_FIELD = 2  # ModelStreamInferResponse.infer_response
 CONTENTS_FIELD = 5  # InferOutputTensor.contents
 # Typed contents whose packed wire form is the array's little-endian bytes
 # (fixed-width floats; bools are one-byte varints 0/1): InferTensorContents fields.
@@ -38,6 +39,9 @@ _LENGTH_DELIMITED = 2
 # A request has a few fields per input; past this many the walk (Python, per
 # field) stops being cheap, and protobuf's parse (C) takes over.
 MAX_TOP_LEVEL_FIELDS = 4096
+# Up to this size protobuf's parse (C, copying) is cheaper than the walk
+# (Python, per field): copies of a few KiB cost less than a microsecond.
+SMALL_MESSAGE_BYTES = 16 * 1024
 
 
 class _Malformed(Exception):
@@ -114,25 +118,36 @@ class InferRequestMessage:
     __slots__ = ("message", "raw_input_contents")
 
     def __init__(self, message: pb.ModelInferRequest, raw: list[Any]) -> None:
-        self.message = message
+        # The parsed message; once released, only its names and id (_Released).
+        self.message: Any = message
         self.raw_input_contents: list[Any] = raw
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.message, name)
 
-    def release(self) -> None:
-        # What is read after decoding stays: the names and id, and the raw
-        # entries' count and truthiness (the response's encoding follows the
-        # request's); the tensors go.
-        m = self.message
-        self.message = pb.ModelInferRequest(
-            model_name=m.model_name, model_version=m.model_version, id=m.id
-        )
+    def release(self, model_name: str, model_version: str, request_id: str) -> None:
+        # What is read after decoding stays: the names and id (the caller read
+        # them already), and the raw entries' count and truthiness (the
+        # response's encoding follows the request's); the tensors go.
+        self.message = _Released(model_name, model_version, request_id)
         self.raw_input_contents = [b""] * len(self.raw_input_contents)
+
+
+class _Released:
+    """What a released InferRequestMessage still answers: its names and id."""
+
+    __slots__ = ("id", "model_name", "model_version")
+
+    def __init__(self, model_name: str, model_version: str, request_id: str) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.id = request_id
 
 
 def parse_infer_request(data: bytes) -> pb.ModelInferRequest | InferRequestMessage:
     """gRPC's request deserializer for ModelInfer and ModelStreamInfer."""
+    if len(data) <= SMALL_MESSAGE_BYTES:
+        return pb.ModelInferRequest.FromString(data)
     try:
         rest, raw = _split(data, RAW_INPUT_FIELD)
     except _Malformed:
@@ -179,11 +194,9 @@ class InferResponseMessage:
         return getattr(self.message, name)
 
 
-def serialize_infer_response(response: pb.ModelInferResponse | InferResponseMessage) -> bytes:
-    """gRPC's response serializer for ModelInfer: one copy of each raw output,
-    into the bytes sent. The arrays are dropped once copied."""
-    if not isinstance(response, InferResponseMessage):
-        return bytes(response.SerializeToString())
+def _response_parts(response: InferResponseMessage) -> list[Any]:
+    """The response's serialized pieces, each output array as a view of its
+    bytes (one copy later, when they are joined). The arrays are dropped."""
     parts: list[Any] = [response.message.SerializeToString()]
     for tensor, number, arr in response.typed_outputs or []:
         if not number:  # its contents are in `tensor` already
@@ -202,16 +215,43 @@ def serialize_infer_response(response: pb.ModelInferResponse | InferResponseMess
         parts += [_field(RAW_OUTPUT_FIELD, data.nbytes), data]
     # gRPC keeps the response while it sends: not its arrays.
     response.raw_outputs = response.typed_outputs = None
-    return b"".join(parts)
+    return parts
+
+
+def serialize_infer_response(response: pb.ModelInferResponse | InferResponseMessage) -> bytes:
+    """gRPC's response serializer for ModelInfer: one copy of each raw output,
+    into the bytes sent. The arrays are dropped once copied."""
+    if not isinstance(response, InferResponseMessage):
+        return bytes(response.SerializeToString())
+    return b"".join(_response_parts(response))
+
+
+def serialize_stream_response(response: InferResponseMessage) -> bytes:
+    """A ModelStreamInferResponse holding `response`, written as
+    serialize_infer_response writes it: the stream message's one field is a
+    prefix (its tag and length), not a second encoding."""
+    parts = _response_parts(response)
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    return b"".join([_field(STREAM_INFER_RESPONSE_FIELD, size), *parts])
+
+
+def serialize_stream_reply(reply: bytes | pb.ModelStreamInferResponse) -> bytes:
+    """gRPC's response serializer for ModelStreamInfer: replies written by
+    serialize_stream_response pass as they are; errors are messages."""
+    if isinstance(reply, bytes):
+        return reply
+    return bytes(reply.SerializeToString())
 
 
 # The methods whose requests and responses go through this module, for the
-# error edge that installs (de)serializers: method -> (deserializer, serializer
-# or None to keep protobuf's).
+# error edge that installs (de)serializers: method -> (deserializer, serializer).
 CODECS: dict[str, tuple[Any, Any]] = {
     "/inference.GRPCInferenceService/ModelInfer": (
         parse_infer_request,
         serialize_infer_response,
     ),
-    "/inference.GRPCInferenceService/ModelStreamInfer": (parse_infer_request, None),
+    "/inference.GRPCInferenceService/ModelStreamInfer": (
+        parse_infer_request,
+        serialize_stream_reply,
+    ),
 }
