@@ -14,6 +14,7 @@ frontend processes (which see messages as bytes).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -41,36 +42,64 @@ async def stream_replies(
 ) -> AsyncIterator[Reply]:
     """Yields one reply per request. `one` must turn every failure into a reply
     (errors travel in-band per message); it never raises but for cancellation."""
-    # The queue holds each request's task: in arrival order (ordered; the writer
-    # awaits them in turn), or as each finishes (unordered).
-    queue: asyncio.Queue[asyncio.Task[Reply] | None] = asyncio.Queue()
-    slots = asyncio.Semaphore(window)
+    loop = asyncio.get_running_loop()
+    # Each request's task: in arrival order (ordered; the writer awaits them in
+    # turn), or as each finishes (unordered). None marks the end of requests.
+    # A deque and one waiter each way, not asyncio.Queue and Semaphore: this
+    # runs once per message, and their bookkeeping cost more than the rest of it.
+    ready: deque[asyncio.Task[Reply] | None] = deque()
     pending: set[asyncio.Task[Reply]] = set()
+    unanswered = 0  # taken from the stream, reply not yet handed to the writer
+    writer_waits: asyncio.Future[None] | None = None
+    reader_waits: asyncio.Future[None] | None = None
+
+    def wake_writer() -> None:
+        nonlocal writer_waits
+        if writer_waits is not None and not writer_waits.done():
+            writer_waits.set_result(None)
+        writer_waits = None
 
     def finished(task: asyncio.Task[Reply]) -> None:
         pending.discard(task)
         if not ordered and not task.cancelled():
-            queue.put_nowait(task)
+            ready.append(task)
+            wake_writer()
 
     async def read() -> None:
+        nonlocal unanswered, reader_waits
         try:
             async for request in requests:
-                await slots.acquire()  # released once its reply is written
-                task = asyncio.create_task(one(request))
+                while unanswered >= window:  # back-pressure: stop reading
+                    reader_waits = loop.create_future()
+                    await reader_waits
+                unanswered += 1
+                task = loop.create_task(one(request))
                 pending.add(task)
                 task.add_done_callback(finished)
                 if ordered:
-                    queue.put_nowait(task)
+                    ready.append(task)
+                    wake_writer()
             if pending and not ordered:
                 await asyncio.wait(set(pending))
         finally:
-            queue.put_nowait(None)  # whatever happened, the writer ends
+            ready.append(None)  # whatever happened, the writer ends
+            wake_writer()
 
-    reader = asyncio.create_task(read())
+    reader = loop.create_task(read())
     try:
-        while (item := await queue.get()) is not None:
+        while True:
+            if not ready:
+                writer_waits = loop.create_future()
+                await writer_waits
+                continue
+            item = ready.popleft()
+            if item is None:
+                break
             yield await item
-            slots.release()
+            # The transport took the reply: its slot frees.
+            unanswered -= 1
+            if reader_waits is not None and not reader_waits.done():
+                reader_waits.set_result(None)
         await reader  # surface a reader failure (a broken request stream)
     finally:
         reader.cancel()
