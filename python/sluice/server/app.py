@@ -31,7 +31,7 @@ from sluice.proto import sluice_service_pb2_grpc as spb_grpc
 from sluice.repository import SwapPolicy
 from sluice.runtime import RuntimeOptions
 from sluice.server import security
-from sluice.server.edge import ErrorEdge
+from sluice.server.edge import EdgeServer
 from sluice.server.extension import SluiceServicer
 from sluice.server.frontends import Dispatcher, FrontendCollector, FrontendConfig, FrontendPool
 from sluice.server.inference import InferenceServicer
@@ -131,7 +131,6 @@ class SluiceServer:
             if options.grpc_restricted
             else []
         )
-        interceptors.append(ErrorEdge())
         inference = InferenceServicer(self.dataplane)
         extension = SluiceServicer(self.dataplane)
         self._grpc: grpc.aio.Server | None = None
@@ -157,14 +156,16 @@ class SluiceServer:
             )
         else:
             self._grpc = grpc.aio.server(
-                interceptors=interceptors,
+                interceptors=interceptors or None,  # none: grpc.aio's per-call fast path
                 options=[
                     ("grpc.max_receive_message_length", receive_limit),
                     ("grpc.max_send_message_length", limit),
                 ],
             )
-            pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._grpc)
-            spb_grpc.add_SluiceServiceServicer_to_server(extension, self._grpc)
+            # sluice's services behind the error edge; health and reflection
+            # are grpc's own.
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, EdgeServer(self._grpc))
+            spb_grpc.add_SluiceServiceServicer_to_server(extension, EdgeServer(self._grpc))
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
             if options.reflection:
                 reflection.enable_server_reflection(

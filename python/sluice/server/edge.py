@@ -1,5 +1,5 @@
-"""The one edge between gRPC and the data plane, for every service: a server
-interceptor that
+"""The one edge between gRPC and the data plane, for every sluice service:
+method handlers wrapped once at registration (EdgeServer). Each
 
 - decodes requests itself, so an undecodable message becomes INVALID_ARGUMENT
   with a one-line reason (a stream gets it in-band for that message only),
@@ -7,8 +7,8 @@ interceptor that
 - maps SluiceError (and the core's StatusError) codes to gRPC statuses, and
   anything unexpected to INTERNAL, logged at most once per period.
 
-Authentication and restricted APIs plug in here too: an interceptor placed
-before this one sees every call first.
+Authentication and restricted APIs plug in before it: an interceptor sees
+every call first (server/security.py, only when restrictions are set).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -131,27 +131,48 @@ def _streaming(
     return call
 
 
-class ErrorEdge(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Wraps every async handler once (cached per method)."""
+class EdgeServer:
+    """Stands in for the grpc.aio server while sluice's servicers register
+    (`pb_grpc.add_*_to_server(servicer, EdgeServer(server))`): each method
+    handler reaches the real server wrapped once, here. An interceptor would
+    do the same per call, and grpc.aio runs interceptors as a coroutine on
+    every call (tens of microseconds of the event loop per request)."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_EdgeGenericHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: wrap_handler(f"/{service}/{name}", h) for name, h in handlers.items()}
+        )
+
+
+class _EdgeGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A servicer's generic handler with the edge around each method (cached)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
         self._cache: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
         wrapped = self._cache.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        wrapped = _unimplemented(method, handler) or _wrap(handler, method)
-        self._cache[method] = wrapped
+        if wrapped is None:
+            handler = self._inner.service(details)
+            if handler is None:
+                return None
+            wrapped = self._cache[method] = wrap_handler(method, handler)
         return wrapped
+
+
+def wrap_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` with the edge's decoding and error mapping around it."""
+    return _unimplemented(method, handler) or _wrap(handler, method)
 
 
 def _unimplemented(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler | None:
