@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/frontends.py                         # ~6 min on 2 cores
     python benchmarks/frontends.py --frontends 1,2,4 --measurement-interval 2000
+    python benchmarks/frontends.py --ref-sluice REF/bin/sluice  # + main's rows beside
 
 What it runs (perf_analyzer settings as batching.py; every server on free ports,
 one at a time; server CPU summed over every process of the server, frontends
@@ -152,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "need stable windows)",
     )
     p.add_argument("--sluice", default="sluice", help="the sluice command to run")
+    p.add_argument(
+        "--ref-sluice",
+        help="a reference sluice command (e.g. an install of main): its one-frontend unary "
+        "and stream rows run in the same run, labelled ref-f1",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     counts = [int(n) for n in args.frontends.split(",") if n]
@@ -163,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     deadline = time.monotonic() + args.max_minutes * 60
     c, sc = args.concurrency, args.stream_concurrency
 
-    def sluice(n: int) -> Callable[[], harness.Server]:
+    def sluice(n: int, command: str = args.sluice) -> Callable[[], harness.Server]:
         extra = ("--executor", args.executor, "--frontends", str(n))
-        return lambda: harness.sluice_server(args.repo, extra=extra, sluice=args.sluice)
+        return lambda: harness.sluice_server(args.repo, extra=extra, sluice=command)
 
     def floor() -> harness.Server:
         return harness.baseline_server(args.repo / MODEL, frontend_only=True)
@@ -183,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             (f"sluice-f{n}", sluice(n), BATCHED, c, False),
             (f"sluice-f{n}", sluice(n), BATCHED, sc, True),
         ]
+        if n == 1 and args.ref_sluice:
+            plan += [
+                ("ref-f1", sluice(1, args.ref_sluice), BATCHED, c, False),
+                ("ref-f1", sluice(1, args.ref_sluice), BATCHED, sc, True),
+            ]
     rows = [
         _run(label, make(), served, conc, streaming, pa_args, deadline)
         for label, make, served, conc, streaming in plan
