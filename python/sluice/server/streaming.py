@@ -49,7 +49,7 @@ async def stream_replies(
     # runs once per message, and their bookkeeping cost more than the rest of it.
     ready: deque[asyncio.Task[Reply] | None] = deque()
     pending: set[asyncio.Task[Reply]] = set()
-    unanswered = 0  # taken from the stream, reply not yet handed to the writer
+    unanswered = 0  # taken from the stream, reply not yet taken by the transport
     writer_waits: asyncio.Future[None] | None = None
     reader_waits: asyncio.Future[None] | None = None
 
