@@ -63,8 +63,10 @@ def _run(
     try:
         before = harness.model_counts(url, served)
         cpu0, host0, t0 = request_path._cpu_s(proc.pid), _own_cpu_s(proc.pid), time.monotonic()
+        loop0 = _loop_cpu_s(proc.pid)
         batching.perf_analyzer(run, url, args, deadline)
         cpu1, host1, t1 = request_path._cpu_s(proc.pid), _own_cpu_s(proc.pid), time.monotonic()
+        loop1 = _loop_cpu_s(proc.pid)
         after = harness.model_counts(url, served)
     finally:
         server.stop()
@@ -79,6 +81,8 @@ def _run(
         # The server's main process alone: with --frontends N the host (data
         # plane, batching, thread executors), the rest being its frontends.
         "host_cpu_us_per_inference": harness.us_per(host1 - host0, served_requests),
+        # Its main thread alone: the event loop (gRPC with one frontend, data plane).
+        "loop_cpu_us_per_inference": harness.us_per(loop1 - loop0, served_requests),
         "avg_batch": harness.avg_batch(before, after),
     }
     print(f"[frontends] {row}", file=sys.stderr, flush=True)
@@ -93,6 +97,17 @@ def _own_cpu_s(pid: int) -> float:
     except psutil.Error:
         return 0.0
     return t.user + t.system
+
+
+def _loop_cpu_s(pid: int) -> float:
+    """CPU seconds of the process's main thread (the event loop's), from /proc."""
+    import psutil
+
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return 0.0
+    return next((t.user_time + t.system_time for t in threads if t.id == pid), 0.0)
 
 
 def _find(rows: Sequence[dict[str, Any]], server: str, streaming: bool) -> dict[str, Any]:
@@ -224,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "p99 µs",
                 "CPU µs/inf",
                 "main process µs/inf",
+                "loop thread µs/inf",
                 "avg batch",
             ],
             [
@@ -236,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f(r["p99_us"], ".0f"),
                     f(r["server_cpu_us_per_inference"], ".0f"),
                     f(r["host_cpu_us_per_inference"], ".0f"),
+                    f(r.get("loop_cpu_us_per_inference"), ".0f"),
                     f(r["avg_batch"], ".2f"),
                 ]
                 + ([r["error"]] if r["error"] else [])
