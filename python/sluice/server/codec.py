@@ -235,6 +235,11 @@ def encode_response_for_wire(
     copies each once, into the bytes sent). Small responses are protobuf's."""
     if _small(resp):
         return encode_response(resp, raw)
+    return _from_arrays(resp, raw)
+
+
+def _from_arrays(resp: InferResponse, raw: bool) -> wire.InferResponseMessage:
+    """The response with its tensors left as arrays, for wire.py to write."""
     msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version)
     msg.id = resp.id
     use_raw = raw or any(o.datatype not in _CONTENTS_FIELD for o in resp.outputs)
@@ -262,9 +267,7 @@ def encode_stream_reply(resp: InferResponse, raw: bool) -> bytes:
         reply = pb.ModelStreamInferResponse()
         encode_response(resp, raw, reply.infer_response)
         return bytes(reply.SerializeToString())
-    message = encode_response_for_wire(resp, raw)
-    assert isinstance(message, wire.InferResponseMessage)
-    return wire.serialize_stream_response(message)
+    return wire.serialize_stream_response(_from_arrays(resp, raw))
 
 
 def encode_response(
