@@ -17,6 +17,11 @@ and executors included, from /proc):
 * sluice with each --frontends N on tiny_mlp_batched: unary at concurrency 64
   (throughput, CPU per inference, average batch) and --streaming at c=32.
 
+For each run it also reports the busiest interpreter: the server process
+(frontend, host or executor) whose Python threads used the most CPU per second.
+Near 1.0 core that process is bound by its interpreter lock, and its throughput
+by 1 / (its Python CPU per inference), however many cores the machine has.
+
 perf_analyzer opens a gRPC channel per few workers, so its load spreads over
 the frontends (one HTTP/2 connection is always served by one frontend).
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,10 +69,10 @@ def _run(
     try:
         before = harness.model_counts(url, served)
         cpu0, host0, t0 = request_path._cpu_s(proc.pid), _own_cpu_s(proc.pid), time.monotonic()
-        loop0 = _loop_cpu_s(proc.pid)
+        loop0, py0 = _loop_cpu_s(proc.pid), python_threads_cpu_s(proc.pid)
         batching.perf_analyzer(run, url, args, deadline)
         cpu1, host1, t1 = request_path._cpu_s(proc.pid), _own_cpu_s(proc.pid), time.monotonic()
-        loop1 = _loop_cpu_s(proc.pid)
+        loop1, py1 = _loop_cpu_s(proc.pid), python_threads_cpu_s(proc.pid)
         after = harness.model_counts(url, served)
     finally:
         server.stop()
@@ -84,6 +90,11 @@ def _run(
         # Its main thread alone: the event loop (gRPC with one frontend, data plane).
         "loop_cpu_us_per_inference": harness.us_per(loop1 - loop0, served_requests),
         "avg_batch": harness.avg_batch(before, after),
+        # The busiest interpreter: CPU seconds per second of the Python threads of
+        # the server process (frontend or executor) where they are highest. Near
+        # 1.0 that process is bound by its interpreter lock, and throughput by
+        # 1 / (its Python CPU per inference), whatever the machine's other cores do.
+        **_busiest_interpreter(py0, py1, t1 - t0, served_requests),
     }
     print(f"[frontends] {row}", file=sys.stderr, flush=True)
     return row
@@ -108,6 +119,52 @@ def _loop_cpu_s(pid: int) -> float:
     except psutil.Error:
         return 0.0
     return next((t.user_time + t.system_time for t in threads if t.id == pid), 0.0)
+
+
+def python_threads_cpu_s(pid: int) -> dict[int, float]:
+    """Per process of the server's tree (frontends, executors): CPU seconds of
+    the threads that can run Python, from /proc. Python's threads keep the
+    process's name; gRPC's and onnxruntime's own threads are named otherwise
+    (event_engine, ...), which is how they are told apart. An upper bound of
+    the time the process's interpreter lock was held: a thread executor's
+    worker counts while onnxruntime runs without the lock."""
+    import psutil
+
+    out: dict[int, float] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in procs:
+        task = Path(f"/proc/{p.pid}/task")
+        try:
+            main_name = (task / str(p.pid) / "comm").read_text().strip()
+            total = 0.0
+            for t in task.iterdir():
+                if (t / "comm").read_text().strip() != main_name:
+                    continue
+                stat = (t / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        except (OSError, ValueError):  # exited meanwhile
+            continue
+        out[p.pid] = total
+    return out
+
+
+def _busiest_interpreter(
+    before: dict[int, float], after: dict[int, float], seconds: float, served: float
+) -> dict[str, float | None]:
+    used = {pid: cpu - before[pid] for pid, cpu in after.items() if pid in before}
+    if not used or seconds <= 0:
+        return {"busiest_python_cores": None, "busiest_python_us_per_inference": None}
+    top = max(used.values())
+    return {
+        "busiest_python_cores": top / seconds,
+        "busiest_python_us_per_inference": harness.us_per(top, served),
+    }
 
 
 def _find(rows: Sequence[dict[str, Any]], server: str, streaming: bool) -> dict[str, Any]:
@@ -240,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "CPU µs/inf",
                 "main process µs/inf",
                 "loop thread µs/inf",
+                "busiest interpreter (cores)",
+                "its Python µs/inf",
                 "avg batch",
             ],
             [
@@ -253,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f(r["server_cpu_us_per_inference"], ".0f"),
                     f(r["host_cpu_us_per_inference"], ".0f"),
                     f(r.get("loop_cpu_us_per_inference"), ".0f"),
+                    f(r.get("busiest_python_cores"), ".2f"),
+                    f(r.get("busiest_python_us_per_inference"), ".0f"),
                     f(r["avg_batch"], ".2f"),
                 ]
                 + ([r["error"]] if r["error"] else [])
