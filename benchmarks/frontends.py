@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -91,7 +90,7 @@ def _run(
         "loop_cpu_us_per_inference": harness.us_per(loop1 - loop0, served_requests),
         "avg_batch": harness.avg_batch(before, after),
         # The busiest interpreter: CPU seconds per second of the Python threads of
-        # the server process (frontend or executor) where they are highest. Near
+        # the server process (frontend, host or executor) where they are highest. Near
         # 1.0 that process is bound by its interpreter lock, and throughput by
         # 1 / (its Python CPU per inference), whatever the machine's other cores do.
         **_busiest_interpreter(py0, py1, t1 - t0, served_requests),
@@ -123,11 +122,11 @@ def _loop_cpu_s(pid: int) -> float:
 
 def python_threads_cpu_s(pid: int) -> dict[int, float]:
     """Per process of the server's tree (frontends, executors): CPU seconds of
-    the threads that can run Python, from /proc. Python's threads keep the
-    process's name; gRPC's and onnxruntime's own threads are named otherwise
-    (event_engine, ...), which is how they are told apart. An upper bound of
-    the time the process's interpreter lock was held: a thread executor's
-    worker counts while onnxruntime runs without the lock."""
+    the threads that keep the process's name, which Python's threads do and
+    gRPC's own (event_engine, ...) do not. An upper bound of the time the
+    process's interpreter lock was held: onnxruntime's intra-op threads keep
+    the name too, and a thread executor's worker counts while onnxruntime runs
+    without the lock."""
     import psutil
 
     out: dict[int, float] = {}
@@ -136,22 +135,25 @@ def python_threads_cpu_s(pid: int) -> dict[int, float]:
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return out
-    tick = os.sysconf("SC_CLK_TCK")
     for p in procs:
-        task = Path(f"/proc/{p.pid}/task")
         try:
-            main_name = (task / str(p.pid) / "comm").read_text().strip()
-            total = 0.0
-            for t in task.iterdir():
-                if (t / "comm").read_text().strip() != main_name:
-                    continue
-                stat = (t / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        except (OSError, ValueError):  # exited meanwhile
+            threads = p.threads()
+        except psutil.Error:  # exited meanwhile
             continue
-        out[p.pid] = total
+        name = _thread_name(p.pid, p.pid)
+        if name is None:
+            continue
+        out[p.pid] = sum(
+            t.user_time + t.system_time for t in threads if _thread_name(p.pid, t.id) == name
+        )
     return out
+
+
+def _thread_name(pid: int, tid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text()
+    except OSError:  # the thread ended meanwhile
+        return None
 
 
 def _busiest_interpreter(
